@@ -364,14 +364,15 @@ def head(dec: Decoder, x: Tensor) -> Tensor:
 
 
 PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
-ObserveFn = Callable[[int, Block, Tensor, Context], None]
+ObserveFn = Callable[[int, Block, Tensor, Tensor, Context], None]
 
 
 @torch.no_grad()  # inference only: no autograd graph over the whole batch
 def run(dec: Decoder, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
         prune: Optional[PruneFn] = None, observe: Optional[ObserveFn] = None) -> Tensor:
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
-    `observe(b, block, z, ctx)` sees its inner states z (B, T, Cz), the output projection's input."""
+    `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
+    of its output projection."""
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     padded = attention_mask is not None and not bool(mask.all())  # the one host sync per batch
     ctx = make_context(dec, mask, positions(mask), padded)
@@ -382,7 +383,7 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Optional[Tensor] = None
             blk = prune(b, blk, x, h, ctx)
         z = blk.inner(h, ctx)  # (B, T, Cz)
         if observe is not None:
-            observe(b, blk, z, ctx)
+            observe(b, blk, h, z, ctx)
         x = x + linear(z, blk.out)
         if not dec.pre_norm:  # post-LN OPT (opt-350m) normalizes after the residual add
             x = norm(x, blk.norm)
@@ -468,6 +469,13 @@ def n_kept(n_units: int, ratio: float, multiple: int) -> int:
     return min(n_units, math.ceil(keep / multiple) * multiple)
 
 
+def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
+    """Units to keep in each pruned block (the blocks of the layers after the dense ones)."""
+    r = cfg.layer_ratio(dec.n_layers)
+    return {b: n_kept(blk.out.weight.shape[1] // blk.unit, r, cfg.mlp_multiple if isinstance(blk, MLP) else 1)
+            for b, blk in enumerate(dec.blocks) if b >= 2 * cfg.dense_layers}
+
+
 Batch = Tensor | tuple[Tensor, Optional[Tensor]]  # input_ids, or (input_ids, attention_mask)
 
 
@@ -476,7 +484,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
     sums: dict[int, Tensor] = {}  # block -> (T, Cz) running sum of z^2
     counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
 
-    def observe(b: int, blk: Block, z: Tensor, ctx: Context) -> None:
+    def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         s, n = square_sums(z, ctx.mask)
         if b in sums and sums[b].shape != s.shape:
             raise ValueError("calibration batches must all have the same number of tokens per sample")
@@ -496,12 +504,8 @@ class ProbePruner:
     def __init__(self, model, cfg: PPConfig = PPConfig(), history: Optional[list[Tensor]] = None):
         self.cfg = cfg
         self.dec = read_weights(model)
-        r = cfg.layer_ratio(self.dec.n_layers)
-        pruned = range(2 * cfg.dense_layers, len(self.dec.blocks))  # blocks of the layers after the dense ones
-        self.n_keep = {b: n_kept(self.dec.blocks[b].out.weight.shape[1] // self.dec.blocks[b].unit, r,
-                                 cfg.mlp_multiple if isinstance(self.dec.blocks[b], MLP) else 1)
-                       for b in pruned}
-        self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in pruned}
+        self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
+        self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in self.n_keep}
         # The EMA updates the history in place: own a copy, never alias another pruner's.
         self.history = None if history is None else [h.clone() for h in history]
 
@@ -537,7 +541,7 @@ class ProbePruner:
         scores = pp_scores(c, self.out_norms[b], blk.unit)
         return blk.keep(top_units(scores, self.n_keep[b]))  # stage 4: slice, then the full batch runs
 
-    def update_history(self, b: int, blk: Block, z: Tensor, ctx: Context) -> None:
+    def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         """After the full batch ran block b, fold its states into the history (kept channels)."""
         if self.cfg.use_history and b in self.n_keep:
             ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum)
