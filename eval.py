@@ -26,9 +26,10 @@ import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+import baselines
 import probe_prune as pp
 
-METHODS = ("dense", "pp", "fullbatch")
+METHODS = ("dense", "pp", "fullbatch") + tuple(baselines.METHODS)
 HUB_DATA = {  # name -> (dataset, config or data file, split)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test"),
     "c4": ("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "train"),
@@ -164,6 +165,7 @@ class Row:
     tokens_per_s: float
     speedup: Optional[float] = None  # dense seconds / these seconds, same run
     probe_flops_pct: Optional[float] = None  # probe FLOPs as % of the dense forward's
+    prr: Optional[float] = None  # PPL increase per unit of relative runtime reduction
 
 
 def synchronize(device: str) -> None:
@@ -172,11 +174,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def progress(batches: list[torch.Tensor], desc: str):
+    """A progress bar over batches, on stderr."""
+    return tqdm(batches, desc=desc, leave=False, file=sys.stderr)
+
+
 def measure(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
             device: str, desc: str) -> tuple[float, float, int]:
     """Perplexity over all batches, and seconds and tokens of the timed ones (all but the first)."""
     nll, n_pred, seconds, timed_tokens = 0.0, 0, 0.0, 0
-    for i, ids in enumerate(tqdm(batches, desc=desc, leave=False, file=sys.stderr)):
+    for i, ids in enumerate(progress(batches, desc)):
         ids = ids.to(device)
         synchronize(device)
         start = time.perf_counter()
@@ -193,14 +200,23 @@ def measure(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[tor
 
 def print_table(rows: list[Row]) -> None:
     """The rows as an aligned plain-text table."""
-    header = f"{'method':<10} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} {'probe FLOPs':>11}"
+    header = (f"{'method':<14} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
+              f"{'PRR':>8} {'probe FLOPs':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
         speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
+        prr = "n/a" if r.prr is None else f"{r.prr:.1f}"
         probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
-        print(f"{r.method:<10} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
-              f"{speedup:>7} {probe:>11}")
+        print(f"{r.method:<14} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
+              f"{speedup:>7} {prr if r.method != 'dense' else '':>8} {probe:>11}")
+
+
+def calibration_batches(args, tokenizer) -> list[torch.Tensor]:
+    """The calibration windows, batched and on the device; every method sees the same ones."""
+    calib = calib_windows(tokenizer, read_documents(args.calib), args.nsamples, args.seqlen, args.seed)
+    print(f"# calibration: {len(calib)} windows of {args.seqlen} tokens from {args.calib} (seed {args.seed})")
+    return [b.to(args.device) for b in calib.split(args.batch_size)]
 
 
 def run_methods(args, model, tokenizer) -> list[Row]:
@@ -214,32 +230,40 @@ def run_methods(args, model, tokenizer) -> list[Row]:
     dec = pp.read_weights(model)
     dense_flops = pp.dense_flops(dec, args.batch_size * args.seqlen)
 
-    history = None
-    if "pp" in args.method:
-        calib = calib_windows(tokenizer, read_documents(args.calib), args.nsamples, args.seqlen, args.seed)
-        print(f"# calibration: {len(calib)} windows of {args.seqlen} tokens from {args.calib} (seed {args.seed})")
-        progress = tqdm(calib.split(args.batch_size), desc="calibration", leave=False, file=sys.stderr)
-        history = pp.collect_history(dec, (b.to(args.device) for b in progress))
+    history, stats = None, None
+    if "pp" in args.method or any(m in baselines.METHODS for m in args.method):
+        calib = calibration_batches(args, tokenizer)
+        if "pp" in args.method:
+            history = pp.collect_history(dec, progress(calib, "calibration (PP history)"))
+        if any(m in baselines.METHODS for m in args.method):
+            stats = baselines.collect_stats(dec, progress(calib, "calibration (baselines)"))
 
-    rows, dense_seconds = [], None
+    rows, dense = [], None
     jobs = [("dense", 0.0)] if "dense" in args.method else []
     jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
     for method, ratio in jobs:
-        if method == "dense":
-            fn, probe_pct = (lambda ids: pp.run(dec, ids)), None
-        else:
-            cfg = pp.PPConfig(ratio=ratio) if method == "pp" else pp.PPConfig.full_batch(ratio)
-            try:
+        probe_pct = None
+        try:
+            if method == "dense":
+                fn = lambda ids: pp.run(dec, ids)  # noqa: E731
+            elif method in baselines.METHODS:  # static: pruned once, before the timed runs
+                pruned = baselines.prune_static(dec, baselines.METHODS[method], pp.PPConfig(ratio), stats)
+                fn = lambda ids, pruned=pruned: pp.run(pruned, ids)  # noqa: E731
+            else:
+                cfg = pp.PPConfig(ratio) if method == "pp" else pp.PPConfig.full_batch(ratio)
                 fn = pp.ProbePruner(model, cfg, history if cfg.use_history else None)
-            except ValueError as e:  # e.g. a ratio too high for the layers left to prune
-                raise UsageError(str(e)) from e
-            probe_pct = 100 * pp.probe_flops(dec, cfg, args.batch_size, args.seqlen) / dense_flops
-        with torch.no_grad():
-            ppl, seconds, tokens = measure(fn, batches, args.device, f"{method} {ratio}")
-        if method == "dense":
-            dense_seconds = seconds
-        speedup = dense_seconds / seconds if dense_seconds else None
-        rows.append(Row(method, ratio, ppl, seconds, tokens / seconds, speedup, probe_pct))
+                probe_pct = 100 * pp.probe_flops(dec, cfg, args.batch_size, args.seqlen) / dense_flops
+        except ValueError as e:  # e.g. a ratio too high for the layers left to prune
+            raise UsageError(str(e)) from e
+        ppl, seconds, tokens = measure(fn, batches, args.device, f"{method} {ratio}")
+        row = Row(method, ratio, ppl, seconds, tokens / seconds, probe_flops_pct=probe_pct)
+        dense = row if method == "dense" else dense
+        if dense is not None:
+            row.speedup = dense.seconds / seconds
+            # PRR (the paper's performance degradation per unit of runtime reduction):
+            # (PPL - PPL_dense) / (1 - time / time_dense); undefined when nothing got faster.
+            row.prr = (ppl - dense.ppl) / (1 - seconds / dense.seconds) if seconds < dense.seconds else None
+        rows.append(row)
         print(f"# done: {method} ratio {ratio}: ppl {ppl:.3f}, {seconds:.2f} s", file=sys.stderr)
     return rows
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+import baselines as bl
 import eval as ev
 import probe_prune as pp
 
@@ -356,12 +357,16 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
                              "--max-batches", "2", "--nsamples", "4", "--json", str(results))
     assert code == 0, err
     rows = json.loads(results.read_text())
-    assert [(r["method"], r["ratio"]) for r in rows] == [
-        ("dense", 0.0), ("pp", 0.2), ("fullbatch", 0.2), ("pp", 0.4), ("fullbatch", 0.4)]
+    pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0)] + [
+        (m, r) for r in (0.2, 0.4) for m in pruning]
     for r in rows:
-        assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct"}
+        assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct", "prr"}
         assert math.isfinite(r["ppl"]) and r["seconds"] > 0 and r["tokens_per_s"] > 0
-        assert (r["probe_flops_pct"] is None) == (r["method"] == "dense")
+        assert (r["probe_flops_pct"] is None) == (r["method"] not in ("pp", "fullbatch"))
+        if r["prr"] is not None:  # defined only where the method ran faster than dense
+            assert r["speedup"] > 1
+            assert r["prr"] == pytest.approx((r["ppl"] - rows[0]["ppl"]) / (1 - 1 / r["speedup"]))
     assert rows[0]["speedup"] == 1.0
     assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
     assert "pp" in out and "fullbatch" in out and "64 tokens" in out
@@ -395,3 +400,117 @@ def test_cli_seqlen_beyond_context_and_unknown_architecture(tiny_model_dir, tmp_
                                eos_token_id=0)).save_pretrained(tmp_path)
     code, _, err = run_cli("--model", str(tmp_path), *data)
     assert code == 2 and "unsupported architecture 'gpt2'" in err and len(err.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------------------
+# Static baselines (baselines.py)
+
+
+def baseline_stats(model, seed=3):
+    """Calibration statistics of a random model on two random batches (and the batches)."""
+    torch.manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 16)) for _ in range(2)]
+    return bl.collect_stats(pp.read_weights(model), batches), batches
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+@pytest.mark.parametrize("method", bl.METHODS)
+def test_baseline_ratio_zero_is_exactly_dense(name, method):
+    model = make_model(name)
+    stats, batches = baseline_stats(model)
+    dec = pp.read_weights(model)
+    pruned = bl.prune_static(dec, bl.METHODS[method], pp.PPConfig(0.0, dense_layers=1), stats)
+    assert torch.equal(pp.run(pruned, batches[0]), pp.forward(model, batches[0]))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln", "opt-post-ln-proj"])
+@pytest.mark.parametrize("method", ["wanda-sp", "second-moment"])
+def test_uniform_baselines_keep_pps_counts_on_sliced_weights(name, method):
+    model = make_model(name)
+    stats, batches = baseline_stats(model)
+    dec = pp.read_weights(model)
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    pruned = bl.prune_static(dec, bl.METHODS[method], cfg, stats)
+    assert pruned.blocks[0] is dec.blocks[0] and pruned.blocks[1] is dec.blocks[1]  # dense layer
+    for b, n in pp.kept_counts(dec, cfg).items():
+        blk, unit = pruned.blocks[b], dec.blocks[b].unit
+        assert blk.out.weight.shape == (dec.blocks[b].out.weight.shape[0], n * unit)
+        first = blk.wq if isinstance(blk, pp.Attention) else blk.w1
+        assert first.weight.shape[0] == n * unit
+    assert torch.isfinite(pp.run(pruned, batches[0])).all()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+def test_flap_allocates_the_same_budget_across_layers_and_modules(name):
+    model = make_model(name)
+    stats, _ = baseline_stats(model)
+    dec = pp.read_weights(model)
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    pruned = bl.prune_static(dec, bl.METHODS["flap"], cfg, stats)
+    n_keep, T = pp.kept_counts(dec, cfg), stats[0].seqlen
+    cost = {b: bl.unit_cost(dec.blocks[b], T) for b in n_keep}
+    budget = sum(n * cost[b] for b, n in n_keep.items())
+    kept = {b: pruned.blocks[b].out.weight.shape[1] // dec.blocks[b].unit for b in n_keep}
+    spent = sum(k * cost[b] for b, k in kept.items())
+    assert budget - max(cost.values()) <= spent <= budget + sum(cost.values())  # + the one-unit floors
+    assert all(k >= 1 for k in kept.values())
+
+
+def tiny_mlp():
+    """A hand-sized MLP block: C = 2 inputs, 3 channels, 2 outputs; gated like LLaMA."""
+    w1 = pp.Linear(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), None)
+    w3 = pp.Linear(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, -1.0]]), None)
+    w2 = pp.Linear(torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, 2.0]]), None)
+    return pp.MLP(pp.Norm(None, None, 1e-5, False), w1, w3, w2, torch.relu)
+
+
+def test_baseline_scores_match_a_hand_computation():
+    blk = tiny_mlp()
+    h = torch.tensor([[1.0, 2.0], [-1.0, 0.0], [3.0, 1.0]])  # three calibration tokens (N, C)
+    z = blk.inner(h)  # (N, 3)
+    x1 = torch.cat([h, torch.ones(3, 1)], dim=1)
+    st = bl.Stats(torch.tensor(3.0), z.sum(0), z.square().sum(0), x1.T @ x1, seqlen=3)
+    W = blk.w2.weight
+    col_abs, col_sq = W.abs().sum(0), W.square().sum(0)  # (3,) = [4, 3, 2], [10, 5, 4]
+    wanda = torch.stack([z[:, j].norm() * col_abs[j] for j in range(3)])
+    torch.testing.assert_close(bl.wanda_sp_scores(blk, st), wanda)
+    fluct = torch.stack([z[:, j].var(unbiased=False) * col_sq[j] for j in range(3)])
+    torch.testing.assert_close(bl.flap_scores(blk, st), (fluct - fluct.mean()) / fluct.std())
+    gate_pre, up_pre = h @ blk.w1.weight.T, h @ blk.w3.weight.T  # (N, 3) pre-activations
+    second = torch.stack([0.5 * col_sq[j] * gate_pre[:, j].square().mean()
+                          * col_sq[j] * up_pre[:, j].square().mean() for j in range(3)])
+    torch.testing.assert_close(bl.second_moment_scores(blk, st), second)
+
+
+def test_flap_bias_compensation_keeps_the_output_mean():
+    model = make_model("opt-pre-ln")
+    dec = pp.read_weights(model)
+    stats, batches = baseline_stats(model)
+    pruned = bl.prune_static(dec, bl.METHODS["flap"], pp.PPConfig(0.4, dense_layers=1), stats)
+    outs = {"dense": [], "pruned": []}
+
+    def observe(b, blk, h, z, ctx):  # the dense forward's inner states of block 5 (an MLP)
+        if b == 5:
+            small = pruned.blocks[5]
+            outs["dense"].append(pp.linear(z, blk.out).flatten(0, 1))
+            outs["pruned"].append(pp.linear(z[..., small.kept], small.out).flatten(0, 1))
+
+    for ids in batches:
+        pp.run(dec, ids, observe=observe)
+    assert pruned.blocks[5].w2.weight.shape[1] < dec.blocks[5].w2.weight.shape[1]
+    dense_mean, pruned_mean = (torch.cat(outs[k]).mean(0) for k in ("dense", "pruned"))
+    torch.testing.assert_close(pruned_mean, dense_mean, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pruned.blocks[5].w2.bias, dec.blocks[5].w2.bias, atol=1e-3)  # it did move
+
+
+def test_real_model_every_baseline_is_finite_and_worse_than_dense(smollm2, wiki_windows):
+    model, tok = smollm2
+    dec = pp.read_weights(model)
+    calib = ev.calib_windows(tok, ev.read_documents(str(C4)), n=16, seqlen=256, seed=0)
+    stats = bl.collect_stats(dec, calib.split(8))
+    windows = wiki_windows[:4]
+    dense = perplexity(lambda ids: pp.run(dec, ids), windows)
+    for name, method in bl.METHODS.items():
+        pruned = bl.prune_static(dec, method, pp.PPConfig(0.4), stats)
+        ppl = perplexity(lambda ids: pp.run(pruned, ids), windows)
+        assert math.isfinite(ppl) and ppl > dense, (name, ppl, dense)
