@@ -13,8 +13,8 @@ They prune what PP prunes (heads with their o_proj columns, MLP channels), in th
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ class Stats:
     n: Tensor  # () number of tokens
     z_sum: Tensor  # (Cz,) sum of z, the output projection's input
     z_sq: Tensor  # (Cz,) sum of z^2
-    h_gram: Optional[Tensor]  # (C+1, C+1) sum of [h, 1][h, 1]^T of an MLP's normalized input
+    h_gram: Tensor | None  # (C+1, C+1) sum of [h, 1][h, 1]^T of an MLP's normalized input
     seqlen: int  # tokens per calibration sample (for FLAP's cost of a head)
 
     @property

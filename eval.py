@@ -18,8 +18,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = Parser(description="Perplexity and timing of Probe Pruning against the dense model.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -163,9 +163,9 @@ class Row:
     ppl: float
     seconds: float  # wall time of the timed batches
     tokens_per_s: float
-    speedup: Optional[float] = None  # dense seconds / these seconds, same run
-    probe_flops_pct: Optional[float] = None  # probe FLOPs as % of the dense forward's
-    prr: Optional[float] = None  # PPL increase per unit of relative runtime reduction
+    speedup: float | None = None  # dense seconds / these seconds, same run
+    probe_flops_pct: float | None = None  # probe FLOPs as % of the dense forward's
+    prr: float | None = None  # PPL increase per unit of relative runtime reduction
 
 
 def synchronize(device: str) -> None:
@@ -245,10 +245,10 @@ def run_methods(args, model, tokenizer) -> list[Row]:
         probe_pct = None
         try:
             if method == "dense":
-                fn = lambda ids: pp.run(dec, ids)  # noqa: E731
+                fn = lambda ids: pp.run(dec, ids)
             elif method in baselines.METHODS:  # static: pruned once, before the timed runs
                 pruned = baselines.prune_static(dec, baselines.METHODS[method], pp.PPConfig(ratio), stats)
-                fn = lambda ids, pruned=pruned: pp.run(pruned, ids)  # noqa: E731
+                fn = lambda ids, pruned=pruned: pp.run(pruned, ids)
             else:
                 cfg = pp.PPConfig(ratio) if method == "pp" else pp.PPConfig.full_batch(ratio)
                 fn = pp.ProbePruner(model, cfg, history if cfg.use_history else None)
@@ -268,7 +268,7 @@ def run_methods(args, model, tokenizer) -> list[Row]:
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     try:
         args = parse_args(argv)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ def default_model() -> str:
     return HUB_DEFAULT
 
 
-def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
+def load_model(name_or_path: str | None = None, device: str = "cpu",
                dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a hub id, a local directory or a .gguf file (default: SmolLM2)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -119,7 +120,7 @@ class Linear(NamedTuple):
     """y = x W^T + b over plain tensors (no module), so slicing it is just indexing."""
 
     weight: Tensor  # (out, in)
-    bias: Optional[Tensor]  # (out,) or None
+    bias: Tensor | None  # (out,) or None
 
 
 def linear(x: Tensor, lin: Linear) -> Tensor:
@@ -140,8 +141,8 @@ def cols(lin: Linear, idx: Tensor) -> Linear:
 class Norm(NamedTuple):
     """RMSNorm (LLaMA) or LayerNorm (OPT) weights."""
 
-    weight: Optional[Tensor]  # (C,)
-    bias: Optional[Tensor]  # (C,), LayerNorm only
+    weight: Tensor | None  # (C,)
+    bias: Tensor | None  # (C,), LayerNorm only
     eps: float
     rms: bool
 
@@ -165,8 +166,8 @@ class Context(NamedTuple):
 
     mask: Tensor  # (B, T) bool, True at real tokens
     pos: Tensor  # (B, T) position of each token
-    rope: Optional[tuple[Tensor, Tensor]]  # cos, sin: (B, 1, T, hd) each; None without RoPE (OPT)
-    attn_mask: Optional[Tensor]  # (B, 1, T, T) bool, True = may attend; None = plain causal
+    rope: tuple[Tensor, Tensor] | None  # cos, sin: (B, 1, T, hd) each; None without RoPE (OPT)
+    attn_mask: Tensor | None  # (B, 1, T, T) bool, True = may attend; None = plain causal
 
 
 @dataclass
@@ -179,8 +180,8 @@ class Attention:
     wv: Linear  # (n_kv_heads * hd, C)
     wo: Linear  # (C, n_heads * hd)
     head_dim: int
-    kv_map: Optional[Tensor]  # (n_heads,) the kv head each query head reads (GQA); None = its own
-    kept: Optional[Tensor] = None  # channels of the dense block this one keeps; None = all
+    kv_map: Tensor | None  # (n_heads,) the kv head each query head reads (GQA); None = its own
+    kept: Tensor | None = None  # channels of the dense block this one keeps; None = all
 
     @property
     def out(self) -> Linear:
@@ -230,10 +231,10 @@ class MLP:
 
     norm: Norm
     w1: Linear  # (I, C) gate_proj (LLaMA) / fc1 (OPT): the activated branch
-    w3: Optional[Linear]  # (I, C) up_proj (LLaMA's gate multiplies it); None for OPT
+    w3: Linear | None  # (I, C) up_proj (LLaMA's gate multiplies it); None for OPT
     w2: Linear  # (C, I) down_proj / fc2
     act: Callable[[Tensor], Tensor]
-    kept: Optional[Tensor] = None  # channels of the dense block this one keeps; None = all
+    kept: Tensor | None = None  # channels of the dense block this one keeps; None = all
     unit: int = 1  # channels per pruning unit
 
     @property
@@ -241,7 +242,7 @@ class MLP:
         """The output projection (its columns are the pruned channels)."""
         return self.w2
 
-    def inner(self, h: Tensor, ctx: Optional[Context] = None) -> Tensor:
+    def inner(self, h: Tensor, ctx: Context | None = None) -> Tensor:
         """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I)."""
         z = self.act(linear(h, self.w1))
         return z if self.w3 is None else z * linear(h, self.w3)
@@ -260,13 +261,13 @@ class Decoder:
     """A decoder-only LM as plain tensors; blocks alternate attention, MLP, attention, ..."""
 
     embed: Tensor  # (V, E) token embeddings
-    project_in: Optional[Linear]  # E -> C (OPT-350m), else None
-    pos_embed: Optional[Tensor]  # (P, C) learned positions (OPT); None when RoPE is used
-    rope: Optional[tuple[Tensor, float]]  # (inv_freq (hd/2,), cos/sin scale) for LLaMA
+    project_in: Linear | None  # E -> C (OPT-350m), else None
+    pos_embed: Tensor | None  # (P, C) learned positions (OPT); None when RoPE is used
+    rope: tuple[Tensor, float] | None  # (inv_freq (hd/2,), cos/sin scale) for LLaMA
     blocks: list[Block]
     pre_norm: bool  # norm before each block (LLaMA, most OPT) or after the residual add
-    final_norm: Optional[Norm]
-    project_out: Optional[Linear]  # C -> E (OPT-350m), else None
+    final_norm: Norm | None
+    project_out: Linear | None  # C -> E (OPT-350m), else None
     lm_head: Linear  # (V, E)
 
     @property
@@ -281,11 +282,11 @@ def read_weights(model) -> Decoder:
 
     cfg = model.config
     check_supported(cfg)
-    lin = lambda m: None if m is None else Linear(m.weight, m.bias)  # noqa: E731
+    lin = lambda m: None if m is None else Linear(m.weight, m.bias)
     blocks: list[Block] = []
     if cfg.model_type == "llama":
         base = model.model
-        rms = lambda m: Norm(m.weight, None, m.variance_epsilon, rms=True)  # noqa: E731
+        rms = lambda m: Norm(m.weight, None, m.variance_epsilon, rms=True)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         kv_map = None if group == 1 else torch.arange(cfg.num_attention_heads,
@@ -301,7 +302,7 @@ def read_weights(model) -> Decoder:
         return Decoder(base.embed_tokens.weight, None, None, rope, blocks, True, rms(base.norm),
                        None, lin(model.lm_head))
     dec = model.model.decoder
-    ln = lambda m: None if m is None else Norm(m.weight, m.bias, m.eps, rms=False)  # noqa: E731
+    ln = lambda m: None if m is None else Norm(m.weight, m.bias, m.eps, rms=False)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for layer in dec.layers:
         a = layer.self_attn
@@ -368,8 +369,8 @@ ObserveFn = Callable[[int, Block, Tensor, Tensor, Context], None]
 
 
 @torch.no_grad()  # inference only: no autograd graph over the whole batch
-def run(dec: Decoder, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-        prune: Optional[PruneFn] = None, observe: Optional[ObserveFn] = None) -> Tensor:
+def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
+        prune: PruneFn | None = None, observe: ObserveFn | None = None) -> Tensor:
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
     `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
     of its output projection."""
@@ -390,7 +391,7 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     return head(dec, x)
 
 
-def forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """Dense logits (B, T, V) of a transformers model, computed by the written-out forward."""
     return run(read_weights(model), input_ids, attention_mask)
 
@@ -415,7 +416,7 @@ def select_probe(dec: Decoder, x: Tensor, h: Tensor, ctx: Context,
     imp = x.float().norm(dim=-1) * ctx.mask  # (B, T)
     samples = imp.sum(1).topk(n_samples).indices.sort().values  # (ns,) original order
     tokens = imp[samples].sum(0).topk(n_tokens).indices.sort().values  # (nt,) causal order
-    pick = lambda t: t[samples][:, tokens]  # noqa: E731  (B, T, ...) -> (ns, nt, ...)
+    pick = lambda t: t[samples][:, tokens]
     return Probe(pick(h), make_context(dec, pick(ctx.mask), pick(ctx.pos), ctx.attn_mask is not None),
                  tokens)
 
@@ -452,7 +453,7 @@ def top_units(scores: Tensor, n_keep: int) -> Tensor:
     return scores.topk(n_keep).indices.sort().values
 
 
-def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Optional[Tensor],
+def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None,
                momentum: float) -> None:
     """H[:T, kept] <- m H + (1 - m) mean_b z^2, from the full batch; pruned channels keep theirs."""
     s, n = square_sums(z, mask)  # (T, K), (T,)
@@ -476,7 +477,7 @@ def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
             for b, blk in enumerate(dec.blocks) if b >= 2 * cfg.dense_layers}
 
 
-Batch = Tensor | tuple[Tensor, Optional[Tensor]]  # input_ids, or (input_ids, attention_mask)
+Batch = Tensor | tuple[Tensor, Tensor | None]  # input_ids, or (input_ids, attention_mask)
 
 
 def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
@@ -501,7 +502,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
 class ProbePruner:
     """Probe Pruning of one model: `calibrate` once, then call it on each batch for its logits."""
 
-    def __init__(self, model, cfg: PPConfig = PPConfig(), history: Optional[list[Tensor]] = None):
+    def __init__(self, model, cfg: PPConfig = PPConfig(), history: list[Tensor] | None = None):
         self.cfg = cfg
         self.dec = read_weights(model)
         self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
@@ -514,7 +515,7 @@ class ProbePruner:
         self.history = collect_history(self.dec, batches)
         return self
 
-    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe."""
         if self.cfg.use_history and self.history is None:
             raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")

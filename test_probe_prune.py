@@ -512,5 +512,5 @@ def test_real_model_every_baseline_is_finite_and_worse_than_dense(smollm2, wiki_
     dense = perplexity(lambda ids: pp.run(dec, ids), windows)
     for name, method in bl.METHODS.items():
         pruned = bl.prune_static(dec, method, pp.PPConfig(0.4), stats)
-        ppl = perplexity(lambda ids: pp.run(pruned, ids), windows)
+        ppl = perplexity(lambda ids, pruned=pruned: pp.run(pruned, ids), windows)
         assert math.isfinite(ppl) and ppl > dense, (name, ppl, dense)
