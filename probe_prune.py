@@ -58,6 +58,11 @@ class PPConfig:
         # As in the official code's full-batch runs: no calibration, no fusion, no EMA.
         return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, use_history=False, **kw)
 
+    def probe_size(self, batch_size: int, seqlen: int) -> tuple[int, int]:
+        """(samples, tokens) of the probe of a (batch_size, seqlen) batch."""
+        return (min(batch_size, max(1, math.ceil(self.probe_samples * batch_size))),
+                min(seqlen, max(2, math.ceil(self.probe_tokens * seqlen))))
+
     def layer_ratio(self, n_layers: int) -> float:
         """Ratio for each pruned layer, so that the model-wide pruned fraction equals `ratio`."""
         # The dense layers prune nothing, so the others prune N / (N - dense) times more,
@@ -299,8 +304,9 @@ def read_weights(model) -> Decoder:
                            lin(m.down_proj), m.act_fn)]
         # The rotary module's inv_freq already holds the model's theta and any rope scaling.
         rope = (base.rotary_emb.inv_freq, base.rotary_emb.attention_scaling)
-        return Decoder(base.embed_tokens.weight, None, None, rope, blocks, True, rms(base.norm),
-                       None, lin(model.lm_head))
+        return Decoder(embed=base.embed_tokens.weight, project_in=None, pos_embed=None, rope=rope,
+                       blocks=blocks, pre_norm=True, final_norm=rms(base.norm), project_out=None,
+                       lm_head=lin(model.lm_head))
     dec = model.model.decoder
     ln = lambda m: None if m is None else Norm(m.weight, m.bias, m.eps, rms=False)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -311,9 +317,10 @@ def read_weights(model) -> Decoder:
                    MLP(ln(layer.final_layer_norm), lin(layer.fc1), None, lin(layer.fc2),
                        ACT2FN[cfg.activation_function])]
     pos_embed = dec.embed_positions.weight[dec.embed_positions.offset:]  # OPT reserves 2 rows
-    return Decoder(dec.embed_tokens.weight, lin(dec.project_in), pos_embed, None, blocks,
-                   cfg.do_layer_norm_before, ln(dec.final_layer_norm), lin(dec.project_out),
-                   lin(model.lm_head))
+    return Decoder(embed=dec.embed_tokens.weight, project_in=lin(dec.project_in), pos_embed=pos_embed,
+                   rope=None, blocks=blocks, pre_norm=cfg.do_layer_norm_before,
+                   final_norm=ln(dec.final_layer_norm), project_out=lin(dec.project_out),
+                   lm_head=lin(model.lm_head))
 
 
 # -----------------------------------------------------------------------------------------
@@ -421,10 +428,12 @@ def select_probe(dec: Decoder, x: Tensor, h: Tensor, ctx: Context,
                  tokens)
 
 
-def square_sums(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def square_sums(z: Tensor, mask: Tensor, padded: bool = True) -> tuple[Tensor, Tensor]:
     """Sum over samples of z^2 at real tokens (T, Cz), in fp32, and the count of samples (T,)."""
-    m = mask.float()  # (B, T)
-    return torch.einsum("btc,bt->tc", z.float().square(), m), m.sum(0)
+    zf = z.float()
+    if padded:  # zero the padding; skipped when there is none, as this runs on every full batch
+        zf = zf * mask[..., None]
+    return torch.einsum("btc,btc->tc", zf, zf), mask.float().sum(0)
 
 
 def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
@@ -454,9 +463,9 @@ def top_units(scores: Tensor, n_keep: int) -> Tensor:
 
 
 def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None,
-               momentum: float) -> None:
+               momentum: float, padded: bool = True) -> None:
     """H[:T, kept] <- m H + (1 - m) mean_b z^2, from the full batch; pruned channels keep theirs."""
-    s, n = square_sums(z, mask)  # (T, K), (T,)
+    s, n = square_sums(z, mask, padded)  # (T, K), (T,)
     T = z.shape[1]
     idx = slice(None) if channels is None else channels
     old = history[:T, idx]  # (T, K)
@@ -486,7 +495,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
     counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
 
     def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
-        s, n = square_sums(z, ctx.mask)
+        s, n = square_sums(z, ctx.mask, padded=ctx.attn_mask is not None)
         if b in sums and sums[b].shape != s.shape:
             raise ValueError("calibration batches must all have the same number of tokens per sample")
         sums[b], counts[b] = sums.get(b, 0) + s, counts.get(b, 0) + n
@@ -528,24 +537,23 @@ class ProbePruner:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
         if b not in self.n_keep:  # a dense layer
             return blk
-        B, T = ctx.mask.shape
-        probe = select_probe(self.dec, x, h, ctx,
-                             n_samples=min(B, max(1, math.ceil(self.cfg.probe_samples * B))),
-                             n_tokens=min(T, max(2, math.ceil(self.cfg.probe_tokens * T))))
+        probe = select_probe(self.dec, x, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
         # Stage 2, look-ahead: the probe through the block's first half with all its weights.
         z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
-        s, n = square_sums(z, probe.ctx.mask)
-        p = s / n.clamp(min=1)[:, None]  # (nt, Cz) mean over probe samples of z^2
+        # Stage 3: the probe's mean of z^2 over its samples, fused with history, then scored.
+        s, n = square_sums(z, probe.ctx.mask, padded=probe.ctx.attn_mask is not None)
+        p = s / n.clamp(min=1)[:, None]  # (nt, Cz)
         if self.cfg.use_history:
             p = fuse(p, self.history[b][probe.tokens])
-        c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) summed over the probe's tokens (all-padding ones drop out)
+        c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) over the probe's tokens; all-padding ones drop out
         scores = pp_scores(c, self.out_norms[b], blk.unit)
         return blk.keep(top_units(scores, self.n_keep[b]))  # stage 4: slice, then the full batch runs
 
     def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         """After the full batch ran block b, fold its states into the history (kept channels)."""
         if self.cfg.use_history and b in self.n_keep:
-            ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum)
+            ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum,
+                       padded=ctx.attn_mask is not None)
 
 
 # -----------------------------------------------------------------------------------------
@@ -562,8 +570,8 @@ def dense_flops(dec: Decoder, n_tokens: int) -> int:
 
 def probe_flops(dec: Decoder, cfg: PPConfig, batch_size: int, seqlen: int) -> int:
     """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
-    n_probe = (min(batch_size, max(1, math.ceil(cfg.probe_samples * batch_size)))
-               * min(seqlen, max(2, math.ceil(cfg.probe_tokens * seqlen))))
+    n_samples, n_tokens = cfg.probe_size(batch_size, seqlen)
+    n_probe = n_samples * n_tokens
     pruned = dec.blocks[2 * cfg.dense_layers:]
     return 2 * n_probe * sum(lin.weight.numel() for blk in pruned for lin in block_linears(blk)[:-1])
 
