@@ -137,19 +137,20 @@ METHODS = {
 def unit_cost(blk: pp.Block, seqlen: int) -> float:
     """Multiply-adds per token saved by removing one unit of the block."""
     sliced = [blk.w1, blk.w3, blk.w2] if isinstance(blk, pp.MLP) else (
-        [blk.wq, blk.wk, blk.wv, blk.wo] if blk.kv_map is None else [blk.wq, blk.wo])
+        [blk.wq, blk.wk, blk.wv, blk.wo] if blk.group == 1 else [blk.wq, blk.wo])
     weights = sum(min(lin.weight.shape) for lin in sliced if lin is not None)  # C per matrix
     attention = seqlen * blk.unit if isinstance(blk, pp.Attention) else 0  # q.k and attn.v, causal
     return weights * blk.unit + attention
 
 
 def adaptive_keep(dec: pp.Decoder, scores: dict[int, Tensor], n_keep: dict[int, int],
-                  seqlen: int) -> dict[int, Tensor]:
+                  seqlen: int, mlp_multiple: int = 1) -> dict[int, Tensor]:
     """FLAP's AL-AM search: one ranking of all units of all blocks, kept best-first within budget."""
     blocks = list(scores)
     costs = {b: unit_cost(dec.blocks[b], seqlen) for b in blocks}
     budget = sum(n_keep[b] * costs[b] for b in blocks)  # what the uniform ratio keeps, in multiply-adds
-    flat = torch.cat([scores[b] for b in blocks])  # every unit of every pruned block
+    # One ranking of every unit of every pruned block, on one device (a model may span several GPUs).
+    flat = torch.cat([scores[b].to(scores[blocks[0]].device) for b in blocks])
     # Integer costs keep the running sum exact, so ratio 0 keeps every unit.
     cost = torch.cat([torch.full(scores[b].shape, costs[b], dtype=torch.long) for b in blocks]).to(flat.device)
     order = flat.argsort(descending=True)
@@ -157,8 +158,10 @@ def adaptive_keep(dec: pp.Decoder, scores: dict[int, Tensor], n_keep: dict[int, 
     kept[order[cost[order].cumsum(0) <= budget]] = True
     keep = {}
     for b, mine in zip(blocks, kept.split([len(scores[b]) for b in blocks])):
-        mine[scores[b].argmax()] = True  # at least one unit per block: no zero-head attention
-        keep[b] = mine.nonzero().flatten()
+        n = max(1, int(mine.sum()))  # at least one unit per block: no zero-head attention
+        if isinstance(dec.blocks[b], pp.MLP):  # kept MLP channels rounded as for every method
+            n = pp.round_up(n, mlp_multiple, len(mine))
+        keep[b] = pp.top_units(scores[b], n)  # a block's kept units are its best ones
     return keep
 
 
@@ -179,7 +182,7 @@ def prune_static(dec: pp.Decoder, method: Method, cfg: pp.PPConfig, stats: list[
     n_keep = pp.kept_counts(dec, cfg)
     scores = {b: method.score(dec.blocks[b], stats[b]) for b in n_keep}
     if method.adaptive:
-        keep = adaptive_keep(dec, scores, n_keep, stats[0].seqlen)
+        keep = adaptive_keep(dec, scores, n_keep, stats[0].seqlen, cfg.mlp_multiple)
     else:
         keep = {b: pp.top_units(s, n_keep[b]) for b, s in scores.items()}  # PP's counts, per block
     blocks = list(dec.blocks)

