@@ -4,12 +4,14 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, OPTConfig, OPTForCausalLM, Qwen2Config)
 
 import baselines as bl
 import eval as ev
@@ -21,11 +23,16 @@ WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 C4 = DATA / "c4" / "c4_sample.jsonl"
 
 # Small random models, one per forward-pass variant the module supports.
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4)
 CONFIGS = {
-    "llama-mha": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=4),
-    "llama-gqa": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=2, rope_theta=5000.0),
+    "llama-mha": LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=4),
+    "llama-gqa": LlamaConfig(**SMALL, num_attention_heads=8, num_key_value_heads=2, rope_theta=5000.0),
+    "llama3-rope-bias": LlamaConfig(**SMALL, num_attention_heads=8, num_key_value_heads=4, attention_bias=True,
+                                    mlp_bias=True, max_position_embeddings=64,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": MistralConfig(**SMALL, num_attention_heads=8, num_key_value_heads=2, sliding_window=32),
+    "qwen2": Qwen2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2),  # q/k/v biases
     "opt-pre-ln": OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
                             num_attention_heads=4, max_position_embeddings=64),
     "opt-post-ln-proj": OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4,
@@ -34,12 +41,15 @@ CONFIGS = {
 }
 
 
-def make_model(name):
-    """A random-weight model for CONFIGS[name], fp32, eval mode."""
+def make_model(name, dtype=torch.float32):
+    """A random-weight model for CONFIGS[name], eval mode (its parameters still require grad)."""
     torch.manual_seed(0)
-    cfg = CONFIGS[name]
-    cls = LlamaForCausalLM if isinstance(cfg, LlamaConfig) else OPTForCausalLM
-    return cls(cfg).eval()
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():  # random biases (they start at 0): a lost one shows
+            if key.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.to(dtype)
 
 
 def padded_batch(vocab, B=3, T=20):
@@ -114,6 +124,8 @@ class RecordingPruner(pp.ProbePruner):
 # 4 layers, 1 dense: per-layer ratio 0.4 * 4 / 3 = 0.5333; 8 heads -> prune round(4.27) = 4,
 # 4 heads -> prune round(2.13) = 2; 96 MLP channels -> prune round(51.2) = 51, keep 45.
 @pytest.mark.parametrize("name,kept_heads,kv_whole", [("llama-gqa", 4, True), ("llama-mha", 2, False),
+                                                     ("llama3-rope-bias", 4, True), ("mistral", 4, True),
+                                                     ("qwen2", 2, True),
                                                      ("opt-pre-ln", 2, False), ("opt-post-ln-proj", 2, False)])
 def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
     model = make_model(name)
@@ -134,9 +146,11 @@ def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
         assert mlp.w1.weight.shape == (45, C) and mlp.w2.weight.shape == (C, 45)
         if mlp.w3 is not None:
             assert mlp.w3.weight.shape == (45, C)
-        if attn.wq.bias is not None:  # OPT: row slices take their bias along, column slices keep it
-            assert attn.wq.bias.shape == (kept_heads * hd,) and attn.wo.bias.shape == (C,)
-            assert mlp.w1.bias.shape == (45,) and mlp.w2.bias.shape == (C,)
+        # Biases (OPT, Qwen2's q/k/v, LLaMA with biases): row slices take theirs along, column
+        # slices keep theirs whole.
+        for lin, size in ((attn.wq, kept_heads * hd), (attn.wk, kv_rows), (attn.wo, C), (mlp.w1, 45), (mlp.w2, C)):
+            assert lin.bias is None or lin.bias.shape == (size,)
+        assert (attn.wq.bias is None) == (dense[b].wq.bias is None)
 
 
 def test_mlp_multiple_rounds_kept_channels_up():
@@ -525,3 +539,232 @@ def test_real_model_every_baseline_is_finite_and_worse_than_dense(smollm2, wiki_
         pruned = bl.prune_static(dec, method, pp.PPConfig(0.4), stats)
         ppl = perplexity(lambda ids, pruned=pruned: pp.run(pruned, ids), windows)
         assert math.isfinite(ppl) and ppl > dense, (name, ppl, dense)
+
+
+# -----------------------------------------------------------------------------------------
+# The GPU path, checked on the CPU: no autograd state, reductions, widths, placement, memory
+
+
+def tensors_in(obj, seen=None):
+    """Every tensor reachable from obj through dataclasses, named tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for key in obj.__dataclass_fields__:
+            yield from tensors_in(getattr(obj, key))
+
+
+def test_nothing_held_keeps_an_autograd_graph():
+    """A bf16 model whose parameters require grad (as a user's would): no pruner or pruned model
+    holds a tensor with a grad_fn, which would keep fp32 copies of weights alive."""
+    model = make_model("llama-gqa", torch.bfloat16)
+    assert all(p.requires_grad for p in model.parameters())
+    ids, mask = padded_batch(model.config.vocab_size, B=4)
+    pruner = pp.ProbePruner(model, pp.PPConfig(0.4, dense_layers=1)).calibrate([(ids, mask)])
+    pruner(ids, mask)
+    held = list(tensors_in([pruner.dec, pruner.out_norms, pruner.history]))
+    stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)])
+    for method in bl.METHODS.values():
+        held += tensors_in(bl.prune_static(pp.read_weights(model), method, pp.PPConfig(0.4, dense_layers=1), stats))
+    held += tensors_in(stats)
+    assert len(held) > 100
+    assert not [t.shape for t in held if t.grad_fn is not None or t.requires_grad]
+
+
+def test_square_sums_accumulate_fp16_in_fp32():
+    z = torch.full((3, 2, 4), 300.0, dtype=torch.float16)  # 300^2 = 90000 > fp16's max 65504
+    z[1] = -2.0
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    s, n = pp.square_sums(z, mask, padded=True)
+    assert s.dtype == torch.float32 and n.tolist() == [3.0, 2.0]
+    torch.testing.assert_close(s, torch.tensor([[180004.0] * 4, [180000.0] * 4]))
+
+
+# LLaMA-2-7B's shapes: 32 layers, 32 heads of 128, MLP 11008. At 0.4 each of the 29 pruned layers
+# prunes 0.4 * 32 / 29 = 44.1%: round(14.12) = 14 heads (18 kept) and round(4858.8) = 4859
+# channels, 6149 kept -> 6208 with the 64 rounding; at 0.2: 25 heads, 8579 -> 8640 channels.
+@pytest.mark.parametrize("ratio,heads,channels", [(0.2, 25, 8640), (0.4, 18, 6208)])
+def test_llama2_7b_layer_kept_counts_and_sliced_shapes(ratio, heads, channels):
+    cfg7b = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                        num_attention_heads=32, num_key_value_heads=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg7b).to(torch.bfloat16).eval()  # one 7B-sized layer, random weights
+    cfg = pp.PPConfig(ratio, mlp_multiple=64)
+    dec = pp.read_weights(model)
+    as_7b = pp.kept_counts(replace(dec, blocks=dec.blocks * 32), cfg)  # the same layer, 32 times over
+    assert set(as_7b.values()) == {heads, channels}
+    pruner = RecordingPruner(model, replace(cfg, dense_layers=0))
+    pruner.n_keep = {0: heads, 1: channels}  # the 7B counts, on this one layer
+    pruner.calibrate([torch.randint(0, 64, (2, 16))])
+    pruner(torch.randint(0, 64, (2, 16)))
+    attn, mlp = pruner.ran[0], pruner.ran[1]
+    assert attn.wq.weight.shape == attn.wk.weight.shape == attn.wv.weight.shape == (heads * 128, 4096)
+    assert attn.wo.weight.shape == (4096, heads * 128)
+    assert mlp.w1.weight.shape == mlp.w3.weight.shape == (channels, 4096)
+    assert mlp.w2.weight.shape == (4096, channels)
+
+
+@pytest.mark.parametrize("method", ["pp", "fullbatch", *bl.METHODS])
+def test_mlp_multiple_applies_to_every_method(method):
+    model = make_model("opt-pre-ln")
+    dec = pp.read_weights(model)
+    cfg = pp.PPConfig(0.4, dense_layers=1, mlp_multiple=16)  # 45 kept -> 48
+    stats, batches = baseline_stats(model)
+    if method in bl.METHODS:
+        pruned = bl.prune_static(dec, bl.METHODS[method], cfg, stats)
+        widths = [pruned.blocks[b].w2.weight.shape[1] for b in (3, 5, 7)]
+    else:
+        pruner = RecordingPruner(model, cfg if method == "pp" else pp.PPConfig.full_batch(0.4, dense_layers=1,
+                                                                                          mlp_multiple=16))
+        pruner.calibrate(batches)
+        pruner(batches[0])
+        widths = [pruner.ran[b].w2.weight.shape[1] for b in (3, 5, 7)]
+    assert all(w % 16 == 0 and w < 96 for w in widths), widths
+    if method != "flap":  # FLAP allocates its own per-layer widths, then rounds them alike
+        assert widths == [48, 48, 48]
+
+
+def test_mistral_sliding_window_is_refused_beyond_the_window():
+    model = make_model("mistral")  # window 32
+    ids = torch.randint(0, 97, (2, 40))
+    with pytest.raises(ValueError, match="sliding attention window of 32"):
+        pp.forward(model, ids)
+    with pytest.raises(ValueError, match="beyond the model's sliding attention window of 32"):
+        pp.check_seqlen(model.config, 40)
+    pp.check_seqlen(model.config, 32)
+    assert pp.sliding_window(CONFIGS["qwen2"]) is None  # Qwen2 slides only with use_sliding_window
+
+
+def test_context_moves_every_tensor_to_the_next_blocks_device():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
+    assert ctx.to(torch.device("cpu")) is ctx  # same device: nothing moves
+    moved = ctx.to(torch.device("meta"))  # another device: everything moves
+    assert all(t.device.type == "meta" for t in tensors_in(list(moved)))
+    assert len(list(tensors_in(list(moved)))) == 5  # mask, pos, cos, sin, attention mask
+
+
+def test_device_map_offload_is_refused():
+    pp.check_device_map({"": "cpu"})  # a CPU-only machine: everything on the CPU is fine
+    pp.check_device_map({"model.layers.0": 0, "model.layers.1": 1})
+    for placement, where in (({"model.layers.0": 0, "lm_head": "cpu"}, "CPU"), ({"model.layers.0": "disk"}, "disk")):
+        with pytest.raises(ValueError, match=f"offload to (the )?{where}"):
+            pp.check_device_map(placement)
+
+
+def test_memory_estimate_counts_the_weights_and_history_exactly():
+    model = make_model("llama-gqa")
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    items = dict(ev.memory_estimate(model.config, 3, 20, 4, cfg))
+    norms = sum(p.numel() for key, p in model.named_parameters() if "norm" in key)
+    assert items["weights"] == 4 * (sum(p.numel() for p in model.parameters()) - norms)
+    pruner = pp.ProbePruner(model, cfg).calibrate([torch.randint(0, 97, (3, 20))])
+    assert items["PP history (T, Cz) fp32, pruned layers"] == sum(h.numel() * 4 for h in pruner.history.values())
+
+
+# -----------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, before the weights load where it can be
+
+
+@pytest.fixture(scope="session")
+def config_only_dir(tmp_path_factory):
+    """A 30-layer LLaMA config with no weights: loading it fails, so any other error from a run
+    on it was raised before the weights load."""
+    folder = tmp_path_factory.mktemp("config_only")
+    LlamaConfig(**{**SMALL, "num_hidden_layers": 30}, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory):
+    """Input files a new user might pass by mistake."""
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "no_text.jsonl").write_text('{"content": "a document"}\n', encoding="utf-8")
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n', encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("un caf\xe9 cr\xe8me".encode("latin-1"))
+    (folder / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    return folder
+
+
+def assert_one_line_error(code, err, message):
+    """Exit status 2, and a single stderr line (no traceback) that says `message`."""
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_everything_checked_reaches_the_weights(config_only_dir):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4))
+    assert_one_line_error(code, err, "cannot load model")  # so the errors below came before it
+
+
+@pytest.mark.parametrize("option", ["--data", "--calib"])
+@pytest.mark.parametrize("file,message", [("no_text.jsonl", 'line 1: no "text" field'),
+                                          ("broken.jsonl", "line 2: not valid JSON"),
+                                          ("latin1.txt", "not UTF-8 text"),
+                                          ("latin1.jsonl", "not UTF-8 text")])
+def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message):
+    files = {"--data": str(WIKI_TEST), "--calib": str(C4), option: str(bad_files / file)}
+    code, _, err = run_cli("--model", str(config_only_dir), *[x for kv in files.items() for x in kv])
+    assert_one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--json", "no/such/folder/rows.json"], "--json: no such folder"),
+    (["--ratio", "0.95"], "would prune 106% of each remaining layer"),
+    (["--ratio", "0.2", "0.89"], "leaves none"),
+    (["--seqlen", "4096"], "beyond the model's context of 2048 tokens"),
+    (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
+])
+def test_cli_mistakes_are_reported_before_the_weights_load(config_only_dir, args, message):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_cli_unknown_architecture_is_named_before_the_weights_load(tmp_path):
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)  # no weights
+    code, _, err = run_cli("--model", str(tmp_path), "--data", str(WIKI_TEST), "--calib", str(C4))
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2': probe-prune supports LLaMA ('llama'), "
+                                     "Mistral ('mistral'), Qwen2 ('qwen2'), OPT ('opt')")
+
+
+def test_cli_estimate_memory_needs_only_the_config(config_only_dir):
+    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--batch-size", "2",
+                             "--seqlen", "16", "--data", str(WIKI_TEST))
+    assert code == 0, err
+    assert "weights" in out and "PP history" in out and "total" in out
+
+
+def test_rows_are_written_as_soon_as_measured(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "rows.json"
+    measured = ev.Runner.logits_fn
+
+    def stopped_at_pp(self, method, ratio):
+        if method == "pp":  # the run is interrupted at its third row
+            raise KeyboardInterrupt
+        return measured(self, method, ratio)
+
+    monkeypatch.setattr(ev.Runner, "logits_fn", stopped_at_pp)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                 "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "wanda-sp", "pp",
+                 "--seqlen", "32", "--batch-size", "2", "--max-batches", "2", "--nsamples", "2",
+                 "--json", str(results)])
+    assert [r["method"] for r in json.loads(results.read_text())] == ["dense", "wanda-sp"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("wanda-sp") and printed[-2].startswith("dense")
+
+
+def test_model_loaded_with_a_device_map_gives_the_same_logits(tiny_model_dir):
+    ids = torch.randint(0, 1000, (2, 24))
+    plain, _ = pp.load_model(str(tiny_model_dir))
+    mapped, _ = pp.load_model(str(tiny_model_dir), device_map="auto")  # all on the CPU here
+    assert not any(p.requires_grad for p in mapped.parameters())
+    assert torch.equal(pp.forward(mapped, ids), pp.forward(plain, ids))
