@@ -570,9 +570,10 @@ def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None
     s, n = square_sums(z, mask, padded)  # (T, K), (T,)
     T = z.shape[1]
     idx = slice(None) if channels is None else channels
-    old = history[:T, idx]  # (T, K)
-    rate = (1 - momentum) * (n > 0)[:, None]  # positions where every sample is padding: unchanged
-    history[:T, idx] = old + rate * (s / n.clamp(min=1)[:, None] - old)
+    rate = 1 - momentum
+    if padded:  # positions where every sample is padding stay as they are
+        rate = rate * (n > 0)[:, None]  # (T, 1)
+    history[:T, idx] = history[:T, idx].lerp_(s / n.clamp(min=1)[:, None], rate)
 
 
 def n_kept(n_units: int, ratio: float, multiple: int = 1) -> int:
