@@ -516,7 +516,9 @@ def select_probe(x: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: i
     # across the dimensions not being ranked, i.e. ||x[:, t, :]||_2 for token t and ||x[b, tokens, :]||_2
     # for sample b. The paper does not fix which comes first; like the official code we pick tokens
     # over the whole batch, then samples on those tokens. Padding scores 0 and is masked anyway.
-    r = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) * ctx.mask  # (B, T), no fp32 copy of x
+    r = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (B, T), without an fp32 copy of x
+    if ctx.attn_mask is not None:  # padded batch
+        r = r * ctx.mask
     tokens = r.norm(dim=0).topk(n_tokens).indices.sort().values  # (nt,) in causal order
     samples = r[:, tokens].norm(dim=1).topk(n_samples).indices.sort().values  # (ns,) in batch order
     pick = lambda t: t[samples[:, None], tokens]  # (B, T, ...) -> (ns, nt, ...)
@@ -531,7 +533,7 @@ def square_sums(z: Tensor, mask: Tensor, padded: bool = True) -> tuple[Tensor, T
     if padded:  # zero the padding; skipped when there is none, as this runs on every full batch
         z = z * mask[..., None]
     if z.dtype == torch.float32:
-        s = z.square().sum(0)
+        s = torch.linalg.vecdot(z, z, dim=0)  # sum_b z^2, one pass
     else:  # fp16/bf16: accumulate in fp32 without an fp32 copy of z, and without z^2 overflowing fp16
         s = torch.linalg.vector_norm(z, dim=0, dtype=torch.float32).square()
     return s, mask.sum(0, dtype=torch.float32)
@@ -668,11 +670,14 @@ class ProbePruner:
         with record_function(STAGES[1]):  # the probe through the block's first half, all weights
             z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
         with record_function(STAGES[2]):  # the probe's mean z^2, fused with history, scored
-            s, n = square_sums(z, probe.ctx.mask, padded=probe.ctx.attn_mask is not None)
+            padded = probe.ctx.attn_mask is not None
+            s, n = square_sums(z, probe.ctx.mask, padded)
             p = s / n.clamp(min=1)[:, None]  # (nt, Cz)
             if self.cfg.use_history:
                 p = fuse(p, self.history[b][probe.tokens])
-            c = (p * (n > 0)[:, None]).sum(0)  # (Cz,) over the probe's tokens; all-padding ones drop out
+            if padded:  # tokens that are padding in every probe sample drop out
+                p = p * (n > 0)[:, None]
+            c = p.sum(0)  # (Cz,) over the probe's tokens
             units = top_units(pp_scores(c, self.out_norms[b], blk.unit), self.n_keep[b])
         with record_function(STAGES[3]):  # then the full batch runs on the slices
             return blk.keep(units)
