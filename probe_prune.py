@@ -1,4 +1,5 @@
-"""Probe Pruning (PP): online, batch-wise structured pruning of LLaMA-family and OPT models.
+"""Probe Pruning (PP): online, batch-wise structured pruning of LLaMA-family (LLaMA 1-3,
+Mistral, Qwen2) and OPT models.
 
 Reference: Le et al., "Probe Pruning: Accelerating LLMs through Dynamic Pruning via
 Model-Probing", ICLR 2025. For every batch and in every pruned decoder layer, PP
@@ -512,7 +513,7 @@ class Probe(NamedTuple):
 
 def select_probe(x: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: int) -> Probe:
     """Stage 1: the top tokens by residual importance over the batch, then the top samples on them."""
-    # Residual importance (paper, Sec. 3.2): the L2 norm of the residual stream x entering the block
+    # Residual importance (the paper's probe generation): the L2 norm of the residual stream x entering the block
     # across the dimensions not being ranked, i.e. ||x[:, t, :]||_2 for token t and ||x[b, tokens, :]||_2
     # for sample b. The paper does not fix which comes first; like the official code we pick tokens
     # over the whole batch, then samples on those tokens. Padding scores 0 and is masked anyway.
