@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlp-multiple", type=int, default=None,
                    help="round kept MLP channels up to a multiple, for every method "
                         f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default here: %(default)s)")
     p.add_argument("--device-map", choices=("auto",), default=None,
                    help="'auto': spread the model over all visible GPUs with accelerate (big models)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
@@ -111,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError(f"--{name}: no such file: {source} (or use one of: {', '.join(HUB_DATA)})")
     if args.model is not None and args.model.endswith(".gguf") and not os.path.isfile(args.model):
         raise UsageError(f"--model: no such GGUF file: {args.model}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device: not a device: {args.device!r} (use cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
     if args.json is not None:

@@ -402,6 +402,7 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
     (["--calib", "no/such/calib.jsonl"], "no such file"),
     (["--model", "no/such/model.gguf"], "no such GGUF file"),
     (["--method", "magic"], "invalid choice: 'magic'"),
+    (["--device", "gpu0"], "--device: not a device"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(args, message):
     code, out, err = run_cli(*args)
