@@ -1,13 +1,18 @@
-"""WikiText-2 perplexity and wall time of dense and pruned models, one row per method and ratio.
+"""WikiText-2 perplexity, zero-shot accuracy and wall time of dense and pruned models, one row
+per method and ratio.
 
     python eval.py --ratio 0.4                       # bundled SmolLM2-135M, hub WikiText-2 and C4
     python eval.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \\
                    --calib ../shared/data/c4/c4_sample.jsonl --ratio 0.2 0.4 --json results.json
+    python eval.py --tasks all --task-data ../shared/data/zeroshot --limit 200 --no-ppl ...
 
-Protocol: the test text is tokenized once and cut into sequential, non-overlapping windows of
+Perplexity: the test text is tokenized once and cut into sequential, non-overlapping windows of
 --seqlen tokens; perplexity = exp(mean next-token NLL over all windows). Wall time covers
 everything a method does per batch up to the logits (PP: probe, scoring, slicing, the full
 forward and the LM head; not the loss), with the first batch untimed as a warm-up.
+
+Zero-shot (--tasks): the seven commonsense tasks of the paper's table, with the prompts, choices
+and scoring of lm-evaluation-harness 0.4.x at 0 shots (see "Zero-shot tasks" below).
 """
 from __future__ import annotations
 
@@ -17,11 +22,13 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +64,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options, checked as far as they can be without the model."""
-    p = Parser(description="Perplexity and timing of Probe Pruning against the dense model.",
+    p = Parser(description="Perplexity, zero-shot accuracy and timing of Probe Pruning against the "
+                           "dense model and the baselines.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="hub id, local folder or .gguf file (default: bundled SmolLM2-135M GGUF, "
@@ -74,7 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="calibration windows (the paper: 2000; 128 keeps a CPU run short)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=20, help="windows per batch")
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--max-batches", type=int, default=None, help="perplexity: only the first N batches")
+    p.add_argument("--tasks", nargs="+", default=[], choices=tuple(TASKS) + ("all",),
+                   help="also report zero-shot accuracy on these commonsense tasks ('all': the seven)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
+    p.add_argument("--task-data", default=None, metavar="DIR",
+                   help="zero-shot: read DIR/<task>.jsonl (hub field layout) instead of the hub datasets")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (with --tasks: accuracy only)")
     p.add_argument("--mlp-multiple", type=int, default=None,
                    help="round kept MLP channels up to a multiple, for every method "
                         f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
@@ -97,16 +111,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if "all" in args.method:
         args.method = list(METHODS)
+    if "all" in args.tasks:
+        args.tasks = list(TASKS)
+    args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
+    check_task_args(args)
     for r in args.ratio:
         if not 0 <= r < 1:
             raise UsageError(f"--ratio must be in [0, 1), got {r}")
     for name in ("nsamples", "seqlen", "batch_size", "rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("max_batches", "mlp_multiple"):
+    for name in ("max_batches", "mlp_multiple", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("data", "calib"):
+    for name in ("data", "calib") if not args.no_ppl else ("calib",):
         source = getattr(args, name)
         if source not in HUB_DATA and not os.path.isfile(source):
             raise UsageError(f"--{name}: no such file: {source} (or use one of: {', '.join(HUB_DATA)})")
@@ -128,6 +146,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mlp_multiple is None:
         args.mlp_multiple = MLP_MULTIPLE["cuda" if cuda else "cpu"]
     return args
+
+
+def check_task_args(args) -> None:
+    """The zero-shot options make sense together, and every task file asked for exists."""
+    if not args.tasks:
+        if args.no_ppl:
+            raise UsageError("--no-ppl leaves nothing to evaluate without --tasks")
+        if args.limit is not None or args.task_data is not None:
+            raise UsageError("--limit and --task-data apply to --tasks only")
+        return
+    if args.task_data is None:
+        return
+    if not os.path.isdir(args.task_data):
+        raise UsageError(f"--task-data: no such folder: {args.task_data}")
+    for name in args.tasks:
+        path = task_file(args.task_data, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"--task-data: no such file: {path}")
 
 
 def check_output(path: str) -> None:
@@ -178,35 +214,52 @@ def read_documents(source: str) -> list[str]:
 
 def read_hub(source: str) -> list[str]:
     """The text column of a hub dataset (needs the internet)."""
+    return list(hub_rows(*HUB_DATA[source], what=f"'{source}'", instead="pass a local file")["text"])
+
+
+def hub_rows(name: str, config: str | None, split: str, what: str, instead: str):
+    """A split of a hub dataset (needs the internet); a failure is one line saying what to do."""
     import datasets
 
-    name, config, split = HUB_DATA[source]
     try:
-        if config.endswith(".json.gz"):
-            rows = datasets.load_dataset(name, data_files=config, split=split)
-        else:
-            rows = datasets.load_dataset(name, config, split=split)
+        if config is not None and config.endswith(".json.gz"):
+            return datasets.load_dataset(name, data_files=config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, or the hub refused: say so in one line
-        raise UsageError(f"could not load '{source}' from the Hugging Face hub ({type(e).__name__}); "
-                         "pass a local file instead") from e
-    return list(rows["text"])
+        raise UsageError(f"could not load {what} from the Hugging Face hub ({type(e).__name__}); "
+                         f"{instead} instead") from e
 
 
 def read_jsonl(path: str) -> list[str]:
     """The "text" field of every line of a JSONL file."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UsageError(f"{path}, line {n}: no \"text\" field with a string")
-            docs.append(row["text"])
+    for n, row in json_lines(path):
+        if not isinstance(row.get("text"), str):
+            raise UsageError(f"{path}, line {n}: no \"text\" field with a string")
+        docs.append(row["text"])
     return docs
+
+
+def json_lines(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) of the first `limit` (default: all) non-blank lines of a JSONL file."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if limit is not None and len(rows) == limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise UsageError(f"{path}, line {n}: not a JSON object")
+                rows.append((n, row))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    return rows
 
 
 def read_parquet(path: str) -> list[str]:
@@ -247,6 +300,198 @@ def calib_windows(tokenizer, docs: list[str], n: int, seqlen: int, seed: int) ->
 
 
 # -----------------------------------------------------------------------------------------
+# Zero-shot tasks: the paper's seven commonsense tasks, as lm-evaluation-harness 0.4.x
+# defines and scores them at 0 shots. Each choice is the continuation " " + choice of the
+# task's prompt; its score is the sum of the log-probabilities of the continuation's tokens.
+# acc: the best score is the answer; acc_norm: the best score per character of the choice.
+
+
+def clean_hellaswag(text: str) -> str:
+    """lm-eval's HellaSwag cleanup: strip, " [title]" -> ". ", drop "[...]" tags, "  " -> " "."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+
+def blank(doc: dict) -> int:
+    """Index of the blank "_" in a WinoGrande sentence."""
+    return doc["sentence"].index("_")
+
+
+class Task(NamedTuple):
+    """One task as lm-eval defines it: its hub split, and each example's prompt, choices and answer."""
+
+    hub: tuple[str, str | None, str]  # (dataset, config, split) that lm-eval reads
+    prompt: Callable[[dict], str]  # the context (WinoGrande: the continuation both contexts share)
+    choices: Callable[[dict], list[str]]  # the continuations (WinoGrande: the two contexts)
+    gold: Callable[[dict], int]  # index of the right choice
+    acc_norm: bool  # lm-eval also reports the length-normalized accuracy
+    choices_are_contexts: bool = False  # WinoGrande: the choice fills the blank, the rest is scored
+
+
+def arc(config: str) -> Task:
+    """ARC-Easy or ARC-Challenge: the same prompt on two splits."""
+    return Task(("allenai/ai2_arc", config, "test"), lambda d: f"Question: {d['question']}\nAnswer:",
+                lambda d: d["choices"]["text"], lambda d: d["choices"]["label"].index(d["answerKey"]), True)
+
+
+TASKS = {
+    "boolq": Task(("aps/super_glue", "boolq", "validation"),
+                  lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
+                  lambda d: ["no", "yes"], lambda d: d["label"], acc_norm=False),
+    "piqa": Task(("baber/piqa", None, "validation"), lambda d: f"Question: {d['goal']}\nAnswer:",
+                 lambda d: [d["sol1"], d["sol2"]], lambda d: d["label"], acc_norm=True),
+    "hellaswag": Task(("Rowan/hellaswag", None, "validation"),
+                      lambda d: clean_hellaswag(f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}"),
+                      lambda d: [clean_hellaswag(e) for e in d["endings"]], lambda d: int(d["label"]),
+                      acc_norm=True),
+    "winogrande": Task(("allenai/winogrande", "winogrande_xl", "validation"),
+                       lambda d: d["sentence"][blank(d) + 1:].strip(),
+                       lambda d: [d["sentence"][:blank(d)] + d["option1"], d["sentence"][:blank(d)] + d["option2"]],
+                       lambda d: {"1": 0, "2": 1}[d["answer"]], acc_norm=False, choices_are_contexts=True),
+    "arc_easy": arc("ARC-Easy"),
+    "arc_challenge": arc("ARC-Challenge"),
+    "openbookqa": Task(("allenai/openbookqa", "main", "test"), lambda d: d["question_stem"],
+                       lambda d: d["choices"]["text"],
+                       lambda d: d["choices"]["label"].index(d["answerKey"].lstrip()), acc_norm=True),
+}
+
+
+class Example(NamedTuple):
+    """One example, ready to score: a (context, continuation) per choice, and the right one."""
+
+    pairs: list[tuple[str, str]]
+    choices: list[str]  # acc_norm divides each choice's score by its length in characters
+    gold: int
+
+
+def make_example(task: Task, doc: dict) -> Example:
+    """The scored text of one example, as lm-eval builds it."""
+    prompt, choices, gold = task.prompt(doc), task.choices(doc), task.gold(doc)
+    if not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("a choice is empty or not text")
+    if not (isinstance(gold, int) and 0 <= gold < len(choices)):
+        raise ValueError(f"answer {gold!r} is not one of its {len(choices)} choices")
+    if task.choices_are_contexts:
+        return Example([(c, " " + prompt) for c in choices], choices, gold)
+    return Example([(prompt, " " + c) for c in choices], choices, gold)
+
+
+def task_file(folder: str, name: str) -> str:
+    """Where --task-data keeps a task: DIR/<name>.jsonl."""
+    return os.path.join(folder, f"{name}.jsonl")
+
+
+def read_task(name: str, folder: str | None, limit: int | None) -> list[Example]:
+    """The first `limit` examples (default: all) of a task, from folder/<name>.jsonl or the hub."""
+    task = TASKS[name]
+    if folder is None:
+        rows = hub_rows(*task.hub, what=f"task '{name}'", instead="pass --task-data DIR")
+        where, docs = task.hub[0], list(enumerate(rows, 1))[:limit]
+    else:
+        where = task_file(folder, name)
+        docs = json_lines(where, limit)
+    examples = []
+    for n, doc in docs:
+        try:
+            examples.append(make_example(task, doc))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise UsageError(f"{where}, line {n}: not a valid {name} example ({type(e).__name__}: {e})") from e
+    if not examples:
+        raise UsageError(f"{where}: no {name} examples in it")
+    return examples
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's tokens of (context, continuation): the continuation's are those of
+    encode(context + continuation) beyond encode(context)."""
+    # Trailing spaces of the context move to the continuation, so that " word" stays one token.
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+class TaskBatch(NamedTuple):
+    """Distinct model inputs, right-padded, and where each request's continuation tokens lie."""
+
+    ids: torch.Tensor  # (B, T) token ids, padding after each input
+    mask: torch.Tensor  # (B, T) True at real tokens
+    row: torch.Tensor  # (N,) for each continuation token in the batch: its input row,
+    pos: torch.Tensor  # (N,) the position whose logits predict it,
+    target: torch.Tensor  # (N,) the token itself,
+    request: torch.Tensor  # (N,) and its request (a choice of an example, numbered across the task)
+
+
+def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: int,
+                 device: str) -> tuple[list[TaskBatch], int]:
+    """The task's requests (every choice of every example) as padded batches, and their count."""
+    requests = [encode_pair(tokenizer, ctx, cont) for ex in examples for ctx, cont in ex.pairs]
+    # The model reads context + continuation but its last token, at most max_len tokens (the last
+    # ones, as lm-eval). Requests that read the same input (BoolQ's one-token " no"/" yes") share a row.
+    readers: dict[tuple[int, ...], list[int]] = {}  # input -> its requests
+    for r, (ctx, cont) in enumerate(requests):
+        readers.setdefault(tuple((ctx + cont)[:-1][-max_len:]), []).append(r)
+    # Longest first, as lm-eval: inputs of similar length share a batch (little padding), the
+    # slowest batch comes first, and ties are broken by the tokens, so the batches never vary.
+    inputs = sorted(readers, key=lambda t: (-len(t), t))
+    batches = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        ids = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)
+        index: list[list[int]] = [[], [], [], []]  # row, pos, target, request of each continuation token
+        for i, inp in enumerate(chunk):
+            ids[i, :len(inp)] = torch.tensor(inp)
+            for r in readers[inp]:
+                cont = requests[r][1]
+                for column, values in zip(index, ([i] * len(cont), range(len(inp) - len(cont), len(inp)),
+                                                  cont, [r] * len(cont))):
+                    column.extend(values)
+        mask = torch.arange(ids.shape[1]) < torch.tensor([len(inp) for inp in chunk])[:, None]
+        batches.append(TaskBatch(*(t.to(device) for t in (ids, mask, *map(torch.tensor, index)))))
+    return batches, len(requests)
+
+
+def score_requests(logits_fn: Callable[..., torch.Tensor], batches: list[TaskBatch], n_requests: int,
+                   desc: str) -> list[float]:
+    """log P(continuation | context) of every request: the sum over its tokens, in fp32."""
+    scores = torch.zeros(n_requests, device=batches[0].ids.device)
+    for b in progress(batches, desc):
+        logits = logits_fn(b.ids, b.mask)  # (B, T, V)
+        # Only the continuations' positions: a log-softmax over (N, V), not the batch's (B, T, V).
+        logp = F.log_softmax(logits[b.row, b.pos].float(), dim=-1)  # (N, V)
+        scores.index_add_(0, b.request, logp.gather(1, b.target[:, None])[:, 0])
+        del logits
+    return scores.tolist()  # the task's one host sync
+
+
+def argmax(values: list[float]) -> int:
+    """Index of the largest value; the first one on ties (as numpy's argmax, which lm-eval uses)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def accuracy(task: Task, examples: list[Example], scores: list[float]) -> dict:
+    """lm-eval's acc and acc_norm (None where the task has none) of the scored requests."""
+    hits = hits_norm = start = 0
+    for ex in examples:
+        s = scores[start:start + len(ex.pairs)]
+        start += len(ex.pairs)
+        hits += argmax(s) == ex.gold
+        hits_norm += argmax([v / len(c) for v, c in zip(s, ex.choices)]) == ex.gold
+    n = len(examples)
+    return {"acc": hits / n, "acc_norm": hits_norm / n if task.acc_norm else None, "n": n}
+
+
+def reported(result: dict) -> float:
+    """The accuracy a table reports for a task: acc_norm where the task has it, else acc."""
+    return result["acc"] if result["acc_norm"] is None else result["acc_norm"]
+
+
+def stderr(p: float, n: int) -> float:
+    """Standard error of an accuracy p over n examples, as lm-eval: sqrt(p (1 - p) / (n - 1))."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+
+
+# -----------------------------------------------------------------------------------------
 # Measurement
 
 
@@ -256,14 +501,17 @@ class Row:
 
     method: str
     ratio: float
-    ppl: float
-    seconds: float  # wall time of the timed batches (the median over --rounds)
-    tokens_per_s: float
+    ppl: float | None = None  # None with --no-ppl
+    seconds: float | None = None  # wall time of the timed perplexity batches (the median over --rounds)
+    tokens_per_s: float | None = None
     speedup: float | None = None  # dense seconds / these seconds, same run
     probe_flops_pct: float | None = None  # probe FLOPs as % of the dense forward's
     prr: float | None = None  # PPL increase per unit of relative runtime reduction
     peak_mem_gib: float | None = None  # CUDA: the most memory allocated on one GPU during the run
     round_seconds: list[float] = field(default_factory=list)  # each round's seconds (--rounds)
+    tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n"}
+    avg_acc: float | None = None  # mean over the tasks of acc_norm where defined, else acc
+    tasks_seconds: float | None = None  # wall time of the whole zero-shot evaluation
 
 
 def synchronize() -> None:
@@ -403,6 +651,27 @@ def format_row(r: Row) -> str:
             f"{speedup:>7} {prr:>8} {probe:>11} {peak:>8}")
 
 
+def task_width(name: str) -> int:
+    """Width of a task's column in the zero-shot table."""
+    return max(len(name) + 1, 9)
+
+
+def task_header(names: list[str]) -> str:
+    """Header of the zero-shot table: a column per task (* = acc_norm, else acc), average, seconds."""
+    cells = " ".join(f"{name + '*' * TASKS[name].acc_norm:>{task_width(name)}}" for name in names)
+    return f"{'method':<14} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
+
+
+def format_task_row(r: Row, names: list[str]) -> str:
+    """One aligned zero-shot line: accuracy ± standard error in %, per task and averaged."""
+    ses = [stderr(reported(r.tasks[name]), r.tasks[name]["n"]) for name in names]
+    cells = " ".join(f"{100 * reported(r.tasks[name]):.1f}±{100 * se:.1f}".rjust(task_width(name))
+                     for name, se in zip(names, ses))
+    avg_se = math.sqrt(sum(se * se for se in ses)) / len(names)  # the tasks' errors are independent
+    average = f"{100 * r.avg_acc:.1f}±{100 * avg_se:.1f}"
+    return f"{r.method:<14} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
+
+
 def write_json(path: str | None, rows: list[Row]) -> None:
     """Write the rows so far (atomically: a reader never sees half a file)."""
     if path is None:
@@ -443,31 +712,36 @@ class Runner:
         make = pp.PPConfig.full_batch if method == "fullbatch" else pp.PPConfig
         return make(ratio, mlp_multiple=self.args.mlp_multiple)
 
-    def logits_fn(self, method: str, ratio: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The method's batch -> logits function; static methods are pruned here, once."""
+    def logits_fn(self, method: str, ratio: float) -> Callable[..., torch.Tensor]:
+        """The method's (ids, attention mask) -> logits function; static methods are pruned here, once."""
         if method == "dense":
-            return lambda ids: pp.run(self.dec, ids)
+            return lambda ids, mask=None: pp.run(self.dec, ids, mask)
         cfg = self.config(method, ratio)
         if method in baselines.METHODS:
             pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.stats)
-            return lambda ids: pp.run(pruned, ids)
+            return lambda ids, mask=None: pp.run(pruned, ids, mask)
         # A fresh copy of the calibration history: every round of PP sees the same batches alike.
         return pp.ProbePruner(self.model, cfg, self.history if cfg.use_history else None)
 
 
-def run_methods(args, model, tokenizer, docs: dict[str, list[str]]) -> list[Row]:
+def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
+                examples: dict[str, list[Example]]) -> list[Row]:
     """Evaluate every requested method and ratio on the same batches, reporting each row at once."""
-    windows = eval_windows(tokenizer, docs["data"], args.seqlen)
-    batches = list(windows.split(args.batch_size))[: args.max_batches]
-    n_windows = sum(len(b) for b in batches)
-    print(f"# {args.model or pp.default_model()} on {args.device} ({args.dtype}); "
-          f"{n_windows} windows x {args.seqlen} tokens, sequential and non-overlapping, "
-          f"batch {args.batch_size}; time = batches 2..{len(batches)} (first one warms up)"
-          + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
-          + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
     dec = pp.read_weights(model)
-    dense_flops = pp.dense_flops(dec, args.batch_size * args.seqlen)
+    tasks = prepare_tasks(args, model.config, tokenizer, examples)  # quick, and may refuse the run
+    runner = Runner(args, model, dec, *calibrate(args, tokenizer, dec, docs))
+    jobs = [("dense", 0.0)] if "dense" in args.method else []
+    jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
+    rows: dict[tuple[str, float], Row] = {}
+    if not args.no_ppl:
+        run_perplexity(args, runner, tokenizer, docs["data"], jobs, rows)
+    if tasks:
+        run_tasks(args, runner, tasks, jobs, rows)
+    return list(rows.values())
 
+
+def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> tuple[list | None, dict | None]:
+    """PP's historical states and the baselines' statistics, from the same calibration windows."""
     history, stats = None, None
     if "calib" in docs:
         calib = calibration_batches(args, tokenizer, docs["calib"])
@@ -475,11 +749,21 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]]) -> list[Row]
             history = [h.cpu() for h in pp.collect_history(dec, progress(calib, "calibration (PP history)"))]
         if set(args.method) & set(baselines.METHODS):
             stats = baselines.collect_stats(dec, progress(calib, "calibration (baselines)"))
-    runner = Runner(args, model, dec, history, stats)
+    return history, stats
 
-    jobs = [("dense", 0.0)] if "dense" in args.method else []
-    jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
-    rows: dict[tuple[str, float], Row] = {}
+
+def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[tuple[str, float]],
+                   rows: dict[tuple[str, float], Row]) -> None:
+    """Perplexity and timing of every job on the same windows, one table row each."""
+    windows = eval_windows(tokenizer, docs, args.seqlen)
+    batches = list(windows.split(args.batch_size))[: args.max_batches]
+    n_windows = sum(len(b) for b in batches)
+    print(f"# {args.model or pp.default_model()} on {args.device} ({args.dtype}); "
+          f"{n_windows} windows x {args.seqlen} tokens, sequential and non-overlapping, "
+          f"batch {args.batch_size}; time = batches 2..{len(batches)} (first one warms up)"
+          + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
+    dense_flops = pp.dense_flops(runner.dec, args.batch_size * args.seqlen)
     print(HEADER)
     print("-" * len(HEADER))
     for rnd in range(args.rounds):
@@ -494,7 +778,7 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]]) -> list[Row]
             row.tokens_per_s = tokens / row.seconds
             row.peak_mem_gib = max(filter(None, (row.peak_mem_gib, peak_memory_gib())), default=None)
             if method in PROBING:
-                row.probe_flops_pct = 100 * pp.probe_flops(dec, runner.config(method, ratio),
+                row.probe_flops_pct = 100 * pp.probe_flops(runner.dec, runner.config(method, ratio),
                                                            args.batch_size, args.seqlen) / dense_flops
             if args.profile and method in PROBING and rnd == 0 and len(batches) > 1:
                 print_stages(method, ratio, profile_stages(fn, batches[1]))
@@ -503,7 +787,56 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]]) -> list[Row]
                 finish(row, rows.get(("dense", 0.0)))
                 print(format_row(row), flush=True)
             write_json(args.json, list(rows.values()))
-    return list(rows.values())
+
+
+class PreparedTask(NamedTuple):
+    """A task's examples and their requests, tokenized and batched once for every method."""
+
+    examples: list[Example]
+    batches: list[TaskBatch]
+    n_requests: int
+
+
+def prepare_tasks(args, config, tokenizer, examples: dict[str, list[Example]]) -> dict[str, PreparedTask]:
+    """Tokenize and batch every task, and refuse inputs the model or PP's history cannot take."""
+    # lm-eval keeps the last tokens of an input longer than the model's context.
+    max_len = config.max_position_embeddings
+    tasks = {name: PreparedTask(exs, *task_batches(tokenizer, exs, args.batch_size, max_len, args.device))
+             for name, exs in examples.items()}
+    longest = max((t.batches[0].ids.shape[1] for t in tasks.values()), default=0)  # longest first
+    window = pp.sliding_window(config)
+    if window is not None and longest > window:
+        raise UsageError(f"a zero-shot input has {longest} tokens, beyond the model's sliding attention "
+                         f"window of {window} (sliding-window attention is not implemented)")
+    if "pp" in args.method and longest > args.seqlen:
+        raise UsageError(f"a zero-shot input has {longest} tokens, but PP's historical states cover "
+                         f"--seqlen {args.seqlen} positions: use --seqlen {longest} or more")
+    return tasks
+
+
+def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[tuple[str, float]],
+              rows: dict[tuple[str, float], Row]) -> None:
+    """Zero-shot accuracy of every job on the same batches, one table row each."""
+    names = list(tasks)
+    print(f"# zero-shot (0 shots, scored as lm-evaluation-harness 0.4.x): "
+          + ", ".join(f"{name} {len(t.examples)}" for name, t in tasks.items())
+          + f" examples; batches of {args.batch_size} inputs, longest first")
+    print("# accuracy in % ± standard error; * = acc_norm, else acc; seconds = the whole zero-shot run")
+    header = task_header(names)
+    print(header)
+    print("-" * len(header))
+    for method, ratio in jobs:
+        fn = runner.logits_fn(method, ratio)
+        start = time.perf_counter()
+        results = {name: accuracy(TASKS[name], t.examples,
+                                  score_requests(fn, t.batches, t.n_requests, f"{method} {ratio} {name}"))
+                   for name, t in tasks.items()}
+        row = rows.setdefault((method, ratio), Row(method, ratio))
+        row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced
+        row.avg_acc = statistics.mean(reported(r) for r in results.values())
+        del fn
+        print(format_task_row(row, names), flush=True)
+        write_json(args.json, list(rows.values()))
 
 
 def finish(row: Row, dense: Row | None) -> None:
@@ -532,8 +865,9 @@ def main(argv: list[str] | None = None) -> int:
             print_memory(memory_estimate(config, args.batch_size, args.seqlen, dtype_bytes, cfg))
             return 0
         needs_calib = set(args.method) & (set(baselines.METHODS) | {"pp"})
-        docs = {name: read_documents(getattr(args, name)) for name in ("data", "calib")
-                if name == "data" or needs_calib}
+        wanted = ([] if args.no_ppl else ["data"]) + (["calib"] if needs_calib else [])
+        docs = {name: read_documents(getattr(args, name)) for name in wanted}
+        examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
         torch.manual_seed(args.seed)
         try:
             model, tokenizer = pp.load_model(args.model, args.device, DTYPES[args.dtype],
@@ -542,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"cannot load model {args.model or pp.default_model()!r}: {e}".splitlines()[0]) from e
         if args.device_map:  # inputs start where the embeddings live
             args.device = str(pp.read_weights(model).embed.device)
-        run_methods(args, model, tokenizer, docs)
+        run_methods(args, model, tokenizer, docs, examples)
     except UsageError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

@@ -769,3 +769,223 @@ def test_model_loaded_with_a_device_map_gives_the_same_logits(tiny_model_dir):
     mapped, _ = pp.load_model(str(tiny_model_dir), device_map="auto")  # all on the CPU here
     assert not any(p.requires_grad for p in mapped.parameters())
     assert torch.equal(pp.forward(mapped, ids), pp.forward(plain, ids))
+
+
+# -----------------------------------------------------------------------------------------
+# Zero-shot tasks (eval.py --tasks): lm-evaluation-harness 0.4.x's prompts and scoring
+
+ZEROSHOT = DATA / "zeroshot"
+
+
+def example_at(task, line):
+    """Example on 1-based `line` of ../shared/data/zeroshot/<task>.jsonl, as eval.py builds it."""
+    with open(ZEROSHOT / f"{task}.jsonl", encoding="utf-8") as f:
+        doc = json.loads(f.readlines()[line - 1])
+    return ev.make_example(ev.TASKS[task], doc)
+
+
+# (task, line, [(context, continuation) per choice], gold), written out from lm-eval's templates.
+REAL_EXAMPLES = [
+    ("boolq", 9, [("Persons driving into Canada must have their vehicle's registration document and proof of "
+                   "insurance.\nQuestion: can u drive in canada with us license?\nAnswer:", c)
+                  for c in (" no", " yes")], 1),
+    ("piqa", 47, [("Question: fire\nAnswer:", " can melt humans "), ("Question: fire\nAnswer:", " can melt water ")], 0),
+    # HellaSwag's cleanup as lm-eval does it, quirks included: " [title]" -> ". " after a full stop
+    # gives "..", and a tag at the start of an ending leaves its space (the continuation gets two).
+    ("hellaswag", 9253, [("Relationships: How to make rasgullas. Heat the milk and bring to boil.. Cool the milk "
+                          "for a couple of hours. Remove the cream layer.", c) for c in (
+        " Drain the milk and return to a pan the size of a hockey ball. Turn the heat on low and bring the milk "
+        "to a boil.",
+        "  Reheat the milk and bring to a boil.. Add the citric acid dissolved in some water.",
+        " Turn off the stove and allow the mixture to cool to room temperature. It's now ready to be used for "
+        "the rasgullas.",
+        " Whisk in the cream of your choice and heat a little on both sides until it thickens.. Combine the sugar "
+        "and water in a small saucepan.")], 1),
+    ("winogrande", 2, [("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+                       ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases.")], 0),
+    ("arc_easy", 15, [("Question: All living and nonliving material is composed of\nAnswer:", c)
+                      for c in (" air", " elements", " water", " soil")], 1),
+    ("arc_challenge", 25, [("Question: Snow, rain, hail, and fog are all forms of\nAnswer:", c)
+                           for c in (" gas.", " water.", " wind.", " clouds.")], 1),
+    ("openbookqa", 2, [("There is most likely going to be fog around:", c)
+                       for c in (" a marsh", " a tundra", " the plains", " a desert")], 0),
+]
+
+
+@pytest.mark.parametrize("task,line,pairs,gold", REAL_EXAMPLES, ids=[e[0] for e in REAL_EXAMPLES])
+def test_task_prompt_choices_and_gold_of_a_real_example(task, line, pairs, gold):
+    ex = example_at(task, line)
+    assert ex.pairs == pairs and ex.gold == gold
+    if task != "winogrande":  # acc_norm's lengths: the choice without the leading space
+        assert ex.choices == [cont[1:] for _, cont in pairs]
+
+
+def test_all_seven_tasks_and_which_report_acc_norm():
+    assert list(ev.TASKS) == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+    assert [t for t, task in ev.TASKS.items() if not task.acc_norm] == ["boolq", "winogrande"]
+
+
+def test_continuation_tokens_follow_lm_evals_rule(smollm2):
+    _, tok = smollm2
+    # A context ending in a space: the space moves to the continuation, which stays " yes".
+    assert ev.encode_pair(tok, "Answer: ", "yes") == (tok.encode("Answer:"), tok.encode(" yes"))
+    # A BPE merge across the boundary: the continuation is what encode(context + continuation)
+    # has beyond encode(context), not encode(continuation).
+    ctx, cont = ev.encode_pair(tok, "The cat", "s are here")
+    whole = tok.encode("The cats are here")
+    assert ctx == tok.encode("The cat") and cont == whole[len(ctx):]
+    assert whole[:len(ctx)] != ctx and cont != tok.encode("s are here")
+
+
+class CharTokenizer:
+    """One token per character (its code modulo the vocabulary): requests easy to follow by hand."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode(self, text):
+        return [ord(c) % self.vocab for c in text]
+
+
+def direct_score(model, tok, context, continuation, max_len):
+    """log P(continuation | context) from one unpadded transformers forward, lm-eval's way."""
+    ctx, cont = tok.encode(context), tok.encode(context + continuation)[len(tok.encode(context)):]
+    inp = torch.tensor([(ctx + cont)[:-1][-max_len:]])
+    with torch.no_grad():
+        logp = model(inp).logits[0].log_softmax(-1)[-len(cont):]
+    return logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+
+
+SCORED = [ev.Example([("Is it red?\nAnswer:", " no"), ("Is it red?\nAnswer:", " yes")], ["no", "yes"], 1),
+          ev.Example([("Question: a long question, so that its input is cut to the model's context\nAnswer:",
+                       " a"), ("Question: a long question, so that its input is cut to the model's context\n"
+                               "Answer:", " a longer choice")], ["a", "a longer choice"], 0),
+          ev.Example([("Tom", " ran home."), ("Ann", " ran home.")], ["Tom", "Ann"], 0),
+          ev.Example([("Q: x\nA:", " y"), ("Q: x\nA:", " z"), ("Q: x\nA:", " www")], ["y", "z", "www"], 2)]
+
+
+def scores_of(logits_fn, examples, tok, batch_size, max_len):
+    """eval.py's scores of every request of `examples`, in request order."""
+    batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu")
+    return ev.score_requests(logits_fn, batches, n, "test"), batches
+
+
+def test_scores_equal_a_direct_transformers_computation():
+    model, tok, max_len = make_model("llama-gqa"), CharTokenizer(97), 40
+    ours, batches = scores_of(lambda ids, mask: pp.forward(model, ids, mask), SCORED, tok, 3, max_len)
+    theirs = [direct_score(model, tok, c, x, max_len) for ex in SCORED for c, x in ex.pairs]
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
+    assert not all(bool(b.mask.all()) for b in batches)  # some batches were padded
+    assert max(b.ids.shape[1] for b in batches) == max_len  # the long input was cut to its last tokens
+    # The one-token answers " y" and " z" read the same input, which ran once: 9 requests, 8 rows.
+    assert sum(len(b.ids) for b in batches) == 8 and len(ours) == 9
+
+
+def test_batches_are_longest_first_and_every_token_scored_once():
+    batches, n = ev.task_batches(CharTokenizer(97), SCORED, 3, 40, "cpu")
+    lengths = [int(m.sum()) for b in batches for m in b.mask]
+    assert lengths == sorted(lengths, reverse=True)
+    per_request = torch.zeros(n, dtype=torch.long)
+    for b in batches:
+        per_request.index_add_(0, b.request, torch.ones_like(b.request))
+    tok = CharTokenizer(97)
+    assert per_request.tolist() == [len(tok.encode(x)) for ex in SCORED for _, x in ex.pairs]
+
+
+def test_acc_norm_divides_by_characters_and_ties_go_to_the_first_choice():
+    task = ev.TASKS["piqa"]
+    examples = [ev.Example([("q", " a"), ("q", " bbbb")], ["a", "bbbb"], 1),  # -2/1 < -4/4: norm picks bbbb
+                ev.Example([("q", " aa"), ("q", " bb")], ["aa", "bb"], 0),  # a tie: the first choice
+                ev.Example([("q", " aa"), ("q", " b")], ["aa", "b"], 1)]  # acc and acc_norm both miss
+    scores = [-2.0, -4.0, -1.5, -1.5, -1.0, -1.5]
+    assert ev.accuracy(task, examples, scores) == {"acc": 1 / 3, "acc_norm": 2 / 3, "n": 3}
+    assert ev.accuracy(ev.TASKS["boolq"], examples, scores)["acc_norm"] is None
+
+
+def test_winogrande_scores_one_continuation_after_two_contexts():
+    doc = {"sentence": "The trophy didn't fit in the suitcase because _ was too big.",
+           "option1": "the trophy", "option2": "the suitcase", "answer": "1"}
+    ex = ev.make_example(ev.TASKS["winogrande"], doc)
+    assert ex.pairs == [("The trophy didn't fit in the suitcase because the trophy", " was too big."),
+                        ("The trophy didn't fit in the suitcase because the suitcase", " was too big.")]
+    assert ex.gold == 0
+    assert ev.accuracy(ev.TASKS["winogrande"], [ex], [-3.0, -5.0]) == {"acc": 1.0, "acc_norm": None, "n": 1}
+
+
+def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
+    model, tok = make_model("llama-gqa"), CharTokenizer(97)
+    examples = {name: [ev.make_example(ev.TASKS[name], json.loads(line)) for line in
+                       (ZEROSHOT / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:6]]
+                for name in ("piqa", "arc_easy", "winogrande")}
+    calib = torch.randint(0, 97, (8, 400)).split(4)
+    pruner = lambda ratio: pp.ProbePruner(model, pp.PPConfig(ratio=ratio, dense_layers=1)).calibrate(calib)
+    dense = lambda ids, mask: pp.forward(model, ids, mask)
+    for name, exs in examples.items():
+        batches, n = ev.task_batches(tok, exs, 4, 400, "cpu")
+        assert not all(bool(b.mask.all()) for b in batches)
+        want = ev.score_requests(dense, batches, n, name)
+        got = ev.score_requests(pruner(0.0), batches, n, name)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert ev.accuracy(ev.TASKS[name], exs, got) == ev.accuracy(ev.TASKS[name], exs, want)
+        pruned = ev.score_requests(pruner(0.4), batches, n, name)
+        assert pruned != pytest.approx(want, rel=1e-3)  # and at 0.4 PP does prune these batches
+
+
+def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
+                             "--tasks", "piqa", "winogrande", "--limit", "3", "--task-data", str(ZEROSHOT),
+                             "--no-ppl", "--method", "dense", "pp", "wanda-sp", "--ratio", "0.4",
+                             "--seqlen", "128", "--batch-size", "4", "--nsamples", "4", "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0), ("pp", 0.4), ("wanda-sp", 0.4)]
+    for r in rows:
+        assert r["ppl"] is None and r["tasks_seconds"] > 0
+        assert set(r["tasks"]) == {"piqa", "winogrande"}
+        piqa, wino = r["tasks"]["piqa"], r["tasks"]["winogrande"]
+        assert piqa["n"] == wino["n"] == 3 and wino["acc_norm"] is None
+        assert piqa["acc"] * 3 in (0, 1, 2, 3) and piqa["acc_norm"] * 3 in (0, 1, 2, 3)
+        assert r["avg_acc"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
+    assert "piqa*" in out and "winogrande " in out and "average" in out
+
+
+def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                           "--method", "dense", "--seqlen", "32", "--batch-size", "2", "--max-batches", "1",
+                           "--json", str(results))
+    assert code == 0, err
+    row, = json.loads(results.read_text())
+    assert row["tasks"] is None and row["avg_acc"] is None and math.isfinite(row["ppl"])
+
+
+@pytest.fixture(scope="session")
+def bad_task_data(tmp_path_factory):
+    """Task folders a user might point --task-data at by mistake."""
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "piqa.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a",\n',
+                                       encoding="utf-8")
+    (folder / "arc_easy.jsonl").write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}}\n',
+                                           encoding="utf-8")
+    (folder / "boolq.jsonl").write_text('{"question": "q", "passage": "p", "label": 2}\n', encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "piqa", "--task-data", "{bad}", "--limit", "1"], None),  # the broken line is not read
+    (["--tasks", "piqa", "--task-data", "{bad}"], "piqa.jsonl, line 2: not valid JSON"),
+    (["--tasks", "arc_easy", "--task-data", "{bad}"], "arc_easy.jsonl, line 1: not a valid arc_easy example (KeyError"),
+    (["--tasks", "boolq", "--task-data", "{bad}"], "boolq.jsonl, line 1: not a valid boolq example (ValueError: answer 2"),
+    (["--tasks", "hellaswag", "--task-data", "{bad}"], "--task-data: no such file"),
+    (["--tasks", "piqa", "--task-data", "no/such/folder"], "--task-data: no such folder"),
+    (["--tasks", "squad"], "invalid choice: 'squad'"),
+    (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer"),
+    (["--no-ppl"], "--no-ppl leaves nothing to evaluate without --tasks"),
+    (["--limit", "5"], "--limit and --task-data apply to --tasks only"),
+])
+def test_cli_bad_task_input_is_one_line_and_status_2(config_only_dir, bad_task_data, args, message):
+    args = [a.replace("{bad}", str(bad_task_data)) for a in args]
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
+    # config_only_dir has no weights: an input accepted runs until the model fails to load.
+    assert_one_line_error(code, err, message or "cannot load model")
