@@ -438,16 +438,18 @@ def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: i
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         ids = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)
-        index: list[list[int]] = [[], [], [], []]  # row, pos, target, request of each continuation token
+        row, pos, target, request = [], [], [], []  # one entry per continuation token
         for i, inp in enumerate(chunk):
             ids[i, :len(inp)] = torch.tensor(inp)
             for r in readers[inp]:
-                cont = requests[r][1]
-                for column, values in zip(index, ([i] * len(cont), range(len(inp) - len(cont), len(inp)),
-                                                  cont, [r] * len(cont))):
-                    column.extend(values)
+                cont = requests[r][1]  # predicted by the logits at the input's last len(cont) positions
+                row += [i] * len(cont)
+                pos += range(len(inp) - len(cont), len(inp))
+                target += cont
+                request += [r] * len(cont)
         mask = torch.arange(ids.shape[1]) < torch.tensor([len(inp) for inp in chunk])[:, None]
-        batches.append(TaskBatch(*(t.to(device) for t in (ids, mask, *map(torch.tensor, index)))))
+        index = [torch.tensor(v) for v in (row, pos, target, request)]
+        batches.append(TaskBatch(*(t.to(device) for t in (ids, mask, *index))))
     return batches, len(requests)
 
 
