@@ -368,7 +368,8 @@ def tiny_model_dir(tmp_path_factory, smollm2):
 def test_cli_help():
     code, out, _ = run_cli("--help")
     assert code == 0
-    for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json"):
+    for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
+                   "--limit", "--task-data", "--no-ppl"):
         assert option in out
 
 
@@ -948,6 +949,17 @@ def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path
         assert piqa["acc"] * 3 in (0, 1, 2, 3) and piqa["acc_norm"] * 3 in (0, 1, 2, 3)
         assert r["avg_acc"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
     assert "piqa*" in out and "winogrande " in out and "average" in out
+
+
+def test_cli_zero_shot_input_beyond_pps_history_is_refused(tiny_model_dir):
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
+                           "--tasks", "piqa", "--limit", "2", "--task-data", str(ZEROSHOT), "--no-ppl",
+                           "--method", "pp", "--seqlen", "16", "--nsamples", "2")
+    # Found once the prompts are tokenized, after the weights load (their progress bar precedes it).
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eval.py: error: a zero-shot input has ") and "use --seqlen" in last
+    assert "PP's historical states cover --seqlen 16 positions" in last
 
 
 def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
