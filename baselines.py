@@ -1,22 +1,31 @@
-"""Static structured-pruning baselines for Probe Pruning: Wanda-sp, FLAP and second-moment.
+"""Static structured-pruning baselines for Probe Pruning: the other rows of the paper's table.
 
-Each calibrates once, chooses the kept attention heads and MLP channels once, and slices the
-weights for good, so it runs the same forward as PP (`probe_prune.run`) on smaller matrices.
-They prune what PP prunes (heads with their o_proj columns, MLP channels), in the same layers
-(the first `PPConfig.dense_layers` stay dense), at the same ratio, so a table compares metrics.
+Each scores the heads and channels once, keeps the best ones and slices the weights for good, so
+it runs the same forward as PP (`probe_prune.run`) on smaller matrices. They prune what PP prunes
+(heads with their o_proj columns, MLP channels), in the same layers (the first
+`PPConfig.dense_layers` stay dense), at the same ratio, so a table compares metrics.
 
 - Wanda-sp, the structured Wanda (Sun et al., ICLR 2024) that FLAP and PP compare against.
 - FLAP (An et al., AAAI 2024): its default variant, WIFV metric + AL-AM adaptive structure
-  search + bias compensation.
+  search + bias compensation, as the PP authors ran it.
 - Second-moment (Li, Dong, Lei 2024, "Greedy Output Approximation", arXiv 2407.19126): the
-  second-moment channel score of depth-2 modules, uniform per layer; no weight reconstruction.
+  second-moment channel score of depth-2 modules, similar attention heads pruned first, uniform
+  per layer; its pre-pruning recovery (least-squares refit before scoring) as an option.
+- LLM-Pruner (Ma et al., NeurIPS 2023) and LoRAPrune (Zhang et al., 2023) without their LoRA
+  fine-tuning: gradient (Taylor) importance from one forward/backward pass on calibration text.
+
+Reading order: calibration statistics, similar heads, the statistics-based scores, the gradient
+scores, the method table, choosing and slicing, the optional recovery.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import probe_prune as pp
@@ -33,6 +42,8 @@ class Stats:
     z_sum: Tensor  # (Cz,) sum of z, the output projection's input
     z_sq: Tensor  # (Cz,) sum of z^2
     h_gram: Tensor | None  # (C+1, C+1) sum of [h, 1][h, 1]^T of an MLP's normalized input
+    head_div: Tensor | None  # (nh, nh) sum over query tokens of heads' JS distances (second-moment)
+    head_rows: Tensor | None  # () number of query tokens in head_div
     seqlen: int  # tokens per calibration sample (for FLAP's cost of a head)
 
     @property
@@ -46,26 +57,94 @@ class Stats:
         return (self.z_sq / self.n - self.mean.square()).clamp(min=0)
 
 
-def collect_stats(dec: pp.Decoder, batches: Iterable[pp.Batch]) -> list[Stats]:
-    """One dense pass over calibration batches, accumulating every block's Stats (fp32)."""
+def stat_sums(blk: pp.Block, h: Tensor, z: Tensor, ctx: pp.Context, compare: int = 0) -> list[Tensor | None]:
+    """One batch's sums for a block's Stats, fp32, real tokens only; an attention block also
+    compares the attention maps of its first `compare` samples' heads."""
+    m = ctx.mask.reshape(-1)
+    zf = z.reshape(-1, z.shape[-1])[m].float()  # (N, Cz)
+    gram = div = rows = None
+    if isinstance(blk, pp.MLP):  # the constant 1 makes w1/w3 biases one more column
+        hf = torch.cat([h.reshape(-1, h.shape[-1])[m].float(), zf.new_ones(len(zf), 1)], dim=1)
+        gram = hf.T @ hf
+    elif compare > 0:
+        part = pp.Context(*(t[:compare] for t in ctx[:2]), None if ctx.rope is None else
+                          (ctx.rope[0][:compare], ctx.rope[1][:compare]),
+                          None if ctx.attn_mask is None else ctx.attn_mask[:compare])
+        div = js_distance_sums(attention_maps(blk, h[:compare], part), part.mask)
+        rows = part.mask.sum()
+    return [m.sum(), zf.sum(0), zf.square().sum(0), gram, div, rows]
+
+
+def add_sums(acc: list | None, new: list) -> list:
+    """Element-wise sum of two stat_sums lists (None stays None)."""
+    if acc is None:
+        return new
+    return [x if a is None else a if x is None else a + x for a, x in zip(acc, new)]
+
+
+# The second-moment paper compares heads' attention maps on 16 calibration samples (Sec. 4.1);
+# the (B, nh, T, T) maps and their pairwise divergences are the costly part of its calibration.
+SIMILARITY_SAMPLES = 16
+
+
+def collect_stats(dec: pp.Decoder, batches: Iterable[pp.Batch], similarity: bool = False) -> list[Stats]:
+    """One dense pass over calibration batches, accumulating every block's Stats (fp32);
+    `similarity` also compares every pair of heads' attention maps on the first samples."""
     acc: dict[int, list] = {}
+    compare = SIMILARITY_SAMPLES if similarity else 0  # samples still to compare
 
     def observe(b: int, blk: pp.Block, h: Tensor, z: Tensor, ctx: pp.Context) -> None:
-        m = ctx.mask.reshape(-1)
-        zf = z.reshape(-1, z.shape[-1])[m].float()  # (N, Cz) real tokens only
-        gram = None
-        if isinstance(blk, pp.MLP):  # the constant 1 makes w1/w3 biases one more column
-            hf = torch.cat([h.reshape(-1, h.shape[-1])[m].float(), zf.new_ones(len(zf), 1)], dim=1)
-            gram = hf.T @ hf
-        new = [m.sum(), zf.sum(0), zf.square().sum(0), gram]
-        acc[b] = new if b not in acc else [a + x if a is not None else None for a, x in zip(acc[b], new)]
+        acc[b] = add_sums(acc.get(b), stat_sums(blk, h, z, ctx, compare))
 
     seqlen = 0
     for batch in batches:
         ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         seqlen = max(seqlen, ids.shape[1])
         pp.run(dec, ids, mask, observe=observe)
+        compare = max(0, compare - len(ids))
     return [Stats(*acc[b], seqlen=seqlen) for b in range(len(dec.blocks))]
+
+
+# -----------------------------------------------------------------------------------------
+# Similar attention heads (second-moment paper, Sec. 3.2.2 and Algorithm 1)
+
+
+def attention_maps(blk: pp.Attention, h: Tensor, ctx: pp.Context) -> Tensor:
+    """Every head's attention probabilities softmax(q k^T / sqrt(hd)) (B, nh, T, T), fp32."""
+    q, k, _ = blk.qkv(h, ctx)
+    if k.shape[1] != q.shape[1]:  # GQA: each query head reads its group's keys
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    T = h.shape[1]
+    allowed = ctx.attn_mask if ctx.attn_mask is not None else torch.ones(
+        T, T, dtype=torch.bool, device=h.device).tril()
+    logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(blk.head_dim)  # (B, nh, T, T)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def js_distance_sums(p: Tensor, mask: Tensor) -> Tensor:
+    """Eq. (1) before the mean: sum over real query rows of sqrt(JS(P_i || P_j)), (nh, nh)."""
+    # JS(P, Q) = H(M) - (H(P) + H(Q)) / 2 with M = (P + Q) / 2 and H a row's entropy (nats).
+    entropy = lambda t: -torch.special.xlogy(t, t).sum(-1)  # (..., T, T) -> (..., T)
+    h = entropy(p)  # (B, nh, T)
+    rows = mask[:, None, :].float()  # (B, 1, T) only real tokens' rows count
+    nh = p.shape[1]
+    d = p.new_zeros(nh, nh)
+    for i in range(nh):  # head i against heads i.., so one (B, nh, T, T) temporary at a time
+        js = entropy((p[:, i:i + 1] + p[:, i:]) / 2) - (h[:, i:i + 1] + h[:, i:]) / 2  # (B, nh - i, T)
+        d[i, i:] = (js.clamp(min=0).sqrt() * rows).sum((0, 2))  # clamp: rounding can dip below 0
+    return d.triu(1) + d.triu(1).T  # symmetric, 0 on the diagonal
+
+
+def similar_heads(div: Tensor, tau: float) -> Tensor:
+    """Algorithm 1: from each pair of heads closer than tau, one head becomes a candidate (nh,) bool."""
+    close = (div < tau).tolist()  # (nh, nh): pruning-time bookkeeping on the host
+    n = len(close)
+    candidate = [False] * n
+    for i in range(n):
+        for j in range(n):
+            if i != j and close[i][j] and not candidate[i] and not candidate[j]:
+                candidate[i] = True  # i goes, j stays: a group of k alike heads keeps at least one
+    return torch.tensor(candidate, device=div.device)
 
 
 # -----------------------------------------------------------------------------------------
@@ -82,23 +161,36 @@ def wanda_sp_scores(blk: pp.Block, st: Stats) -> Tensor:
     return per_unit(st.z_sq.sqrt() * blk.out.weight.float().abs().sum(0), blk)
 
 
-def flap_scores(blk: pp.Block, st: Stats) -> Tensor:
+def flap_scores(blk: pp.Block, st: Stats, square_attention: bool = False) -> Tensor:
     """FLAP's WIFV: fluctuation Var(X_j) * ||W[:, j]||^2, standardized within the block."""
     s = st.var * blk.out.weight.float().square().sum(0)
-    if isinstance(blk, pp.Attention):
-        s = s.square()  # as FLAP does for o_proj, before standardizing
+    # FLAP's own code squares the o_proj scores once more (square_attention=True); the PP
+    # authors' FLAP, whose numbers the PP paper reports, does not, and neither do we by default.
+    if square_attention and isinstance(blk, pp.Attention):
+        s = s.square()
     # Standardizing each block's scores (zero mean, unit std) is what lets FLAP rank attention
     # heads against MLP channels of every layer in one list; a head is the mean of its channels.
     return per_unit((s - s.mean()) / s.std(), blk, torch.mean)
+
+
+# Heads whose attention maps are closer than this (mean JS distance, eq. 1) are "alike"; the
+# paper draws its head graphs at 0.20 (Fig. 3) and prunes LLaMA-7B's heads with 0.16-0.19 (Table 2).
+SIMILARITY_TAU = 0.2
 
 
 def second_moment_scores(blk: pp.Block, st: Stats) -> Tensor:
     """Second-moment score M_j = ||B_j||^2 * A_j^T Sigma A_j of the depth-2 module B act(A x)."""
     b_norm = blk.out.weight.float().square().sum(0)  # ||B_j||^2 (Cz,)
     if isinstance(blk, pp.Attention):
-        # A head is (W_O^h)(W_V^h x~) on the attention-mixed input x~; A_j^T Sigma_x~ A_j is the
-        # second moment of the j-th attention output, i.e. E[z_j^2] at o_proj's input.
-        return per_unit(b_norm * st.z_sq / st.n, blk)
+        # A head is (W_O^h)(W_V^h x~) on the attention-mixed input x~ (Appendix B.1); A_j^T Sigma_x~ A_j
+        # is the second moment of the j-th attention output, i.e. E[z_j^2] at o_proj's input.
+        scores = per_unit(b_norm * st.z_sq / st.n, blk)
+        if st.head_div is None:
+            return scores
+        # Sec. 3.2.2: heads alike another are pruned before heads with small scores. Lifting every
+        # other head above the best candidate keeps the score order within each of the two groups.
+        candidate = similar_heads(st.head_div / st.head_rows, SIMILARITY_TAU)
+        return scores + (~candidate) * (scores.max() - scores.min() + 1)
 
     sigma = st.h_gram / st.n  # (C+1, C+1) E[x x^T] of x = [h, 1], uncentered
 
@@ -108,17 +200,112 @@ def second_moment_scores(blk: pp.Block, st: Stats) -> Tensor:
         a = torch.cat([lin.weight, bias[:, None]], dim=1).float()  # (I, C+1)
         return ((a @ sigma) * a).sum(1)
 
-    act_score = 0.5 * b_norm * moment(blk.w1)  # 1/2: a ReLU-like activation halves the moment
+    act_score = 0.5 * b_norm * moment(blk.w1)  # 1/2: a ReLU-like activation halves the moment (eq. 3)
     if blk.w3 is None:
         return act_score
-    return act_score * (b_norm * moment(blk.w3))  # gated: product of the two branches' scores
+    # Appendix B.2: the gated module W_D (W_U x * act(W_G x)) is scored as the product of the
+    # scores of its two depth-2 modules W_D act(W_G x) and W_D W_U x.
+    return act_score * (b_norm * moment(blk.w3))
+
+
+# -----------------------------------------------------------------------------------------
+# Gradient scores: LLM-Pruner and LoRAPrune without their LoRA fine-tuning
+
+
+def sliced_linears(blk: pp.Block) -> list[tuple[str, int]]:
+    """(field, axis) of each linear the block slices: a unit's weights are rows (0) or columns (1)."""
+    if isinstance(blk, pp.MLP):
+        fields = [("w1", 0), ("w3", 0), ("w2", 1)]
+    elif blk.group == 1:
+        fields = [("wq", 0), ("wk", 0), ("wv", 0), ("wo", 1)]
+    else:  # GQA: a k/v head serves several query heads, so k/v stay whole
+        fields = [("wq", 0), ("wo", 1)]
+    return [(name, axis) for name, axis in fields if getattr(blk, name) is not None]
+
+
+ElementScores = Callable[[Tensor], Tensor]  # dL/dW (out, in) -> one score per weight (out, in), fp32
+
+
+def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], ElementScores],
+                    normalize: bool = False) -> dict[int, Tensor]:
+    """Unit scores of every block from one forward/backward pass of the mean next-token loss on
+    `ids` (N, T): a unit sums its weights' element scores; `normalize` scales each linear's unit
+    scores to unit L2 norm before a block adds them up. `scorer(W)` gives W's element scores."""
+    scores: dict[int, Tensor] = {}
+    blocks = list(dec.blocks)
+
+    def reduce(w: Tensor, b: int, axis: int, element_scores: ElementScores) -> None:
+        """Fold a weight's gradient into its block's unit scores the moment it exists, then free it."""
+        s = per_unit(element_scores(w.grad).sum(1 - axis), dec.blocks[b])  # (units,)
+        scores[b] += s / s.norm() if normalize else s
+        w.grad = None  # one weight's gradient alive at a time: a 7B model's would not fit beside it
+
+    for b, blk in enumerate(dec.blocks):
+        scores[b] = torch.zeros(blk.out.weight.shape[1] // blk.unit, device=pp.block_device(blk))
+        leaves = {}
+        for name, axis in sliced_linears(blk):
+            lin = getattr(blk, name)
+            w = lin.weight.detach().requires_grad_()  # a leaf on the same storage: no copy
+            w.register_post_accumulate_grad_hook(partial(reduce, b=b, axis=axis, element_scores=scorer(lin.weight)))
+            leaves[name] = lin._replace(weight=w)
+        blocks[b] = replace(blk, **leaves)
+    logits = pp.run(replace(dec, blocks=blocks), ids, grad=True)  # (N, T, V)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
+    loss.backward()
+    return scores
+
+
+def taylor_scores(dec: pp.Decoder, ids: Tensor) -> dict[int, Tensor]:
+    """LLM-Pruner (element-wise first-order Taylor): a unit sums |W * dL/dW| over its weights."""
+    # Its second-order variant subtracts 1/2 W^2 H_ii with the Hessian's diagonal H_ii taken from
+    # per-sample squared gradients (a Fisher estimate): one backward pass per calibration sample.
+    return gradient_scores(dec, ids, lambda w: lambda g: (w.float() * g.float()).abs())
+
+
+def adapter_grads(g: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """dL/dB (out, r) and dL/dA (r, in) of a LoRA adapter W + scale * B A, from dL/dW (out, in)."""
+    # Chain rule: the adapter adds scale * B A to W, so dL/dB = scale * G A^T, dL/dA = scale * B^T G.
+    # LoRAPrune gets them from the adapters' own backward; from G they are the same numbers.
+    return scale * g @ a.T, scale * b.T @ g
+
+
+def lora_gradient(grad_b: Tensor, grad_a: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """LoRAPrune's estimate of dL/dW (out, in) from the adapters: G_B A + B G_A - G_B G_A."""
+    return grad_b @ a + b @ grad_a - grad_b @ grad_a
+
+
+def loraprune_scores(dec: pp.Decoder, ids: Tensor, rank: int = 8, alpha: float = 16.0,
+                     seed: int = 0) -> dict[int, Tensor]:
+    """LoRAPrune, one shot: |(W + s B A) * G_hat| summed per unit, G_hat estimated from rank-8 adapters."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = alpha / rank  # 2, as LoRAPrune's LoRA
+
+    def scorer(w: Tensor) -> ElementScores:
+        out_f, in_f = w.shape
+        # A fresh adapter as LoRA initializes it: A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's), B = 0.
+        a = ((torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)).to(w.device)
+        b = torch.zeros(out_f, rank, device=w.device)
+
+        def element_scores(g: Tensor) -> Tensor:
+            g_hat = lora_gradient(*adapter_grads(g.float(), a, b, scale), a, b)
+            return ((w.float() + scale * b @ a) * g_hat).abs()
+        return element_scores
+
+    return gradient_scores(dec, ids, scorer, normalize=True)
+
+
+# -----------------------------------------------------------------------------------------
+# The methods
 
 
 @dataclass(frozen=True)
 class Method:
-    """A static baseline: its unit score, and whether it uses FLAP's two extra steps."""
+    """A static baseline: where its unit scores come from, and whether it uses FLAP's extra steps."""
 
-    score: Callable[[pp.Block, Stats], Tensor]
+    score: Callable[[pp.Block, Stats], Tensor] | None = None  # from calibration statistics, or
+    gradient: Callable[[pp.Decoder, Tensor], dict[int, Tensor]] | None = None  # from gradients
+    windows: tuple[int, int] = (0, 0)  # (samples, tokens) of the gradient pass's calibration windows
+    similarity: bool = False  # statistics also compare attention heads' maps
     adaptive: bool = False  # one global ranking across layers and modules (else uniform per layer)
     compensate_bias: bool = False  # add the pruned channels' mean output back as a bias
 
@@ -126,8 +313,19 @@ class Method:
 METHODS = {
     "wanda-sp": Method(wanda_sp_scores),
     "flap": Method(flap_scores, adaptive=True, compensate_bias=True),
-    "second-moment": Method(second_moment_scores),
+    "second-moment": Method(second_moment_scores, similarity=True),
+    # As the PP authors ran them: 10 C4 windows of 64 tokens (LLM-Pruner), of 512 (LoRAPrune).
+    "llm-pruner": Method(gradient=taylor_scores, windows=(10, 64)),
+    "loraprune": Method(gradient=loraprune_scores, windows=(10, 512)),
 }
+
+
+def unit_scores(dec: pp.Decoder, method: Method, stats: list[Stats] | None = None,
+                ids: Tensor | None = None) -> dict[int, Tensor]:
+    """Every block's unit scores (higher = keep): from `stats`, or from a gradient pass on `ids`."""
+    if method.gradient is not None:
+        return method.gradient(dec, ids)
+    return {b: method.score(blk, stats[b]) for b, blk in enumerate(dec.blocks)}
 
 
 # -----------------------------------------------------------------------------------------
@@ -136,9 +334,7 @@ METHODS = {
 
 def unit_cost(blk: pp.Block, seqlen: int) -> float:
     """Multiply-adds per token saved by removing one unit of the block."""
-    sliced = [blk.w1, blk.w3, blk.w2] if isinstance(blk, pp.MLP) else (
-        [blk.wq, blk.wk, blk.wv, blk.wo] if blk.group == 1 else [blk.wq, blk.wo])
-    weights = sum(min(lin.weight.shape) for lin in sliced if lin is not None)  # C per matrix
+    weights = sum(min(getattr(blk, name).weight.shape) for name, _ in sliced_linears(blk))  # C per matrix
     attention = seqlen * blk.unit if isinstance(blk, pp.Attention) else 0  # q.k and attn.v, causal
     return weights * blk.unit + attention
 
@@ -174,13 +370,15 @@ def compensate_bias(blk: pp.Block, kept: pp.Block, st: Stats) -> pp.Block:
     w = blk.out.weight
     extra = (w[:, pruned].float() @ st.mean[pruned]).to(w.dtype)  # (C,)
     out = kept.out._replace(bias=extra if kept.out.bias is None else kept.out.bias + extra)
-    return replace(kept, **{"wo" if isinstance(kept, pp.Attention) else "w2": out})
+    return replace(kept, **{out_field(kept): out})
 
 
-def prune_static(dec: pp.Decoder, method: Method, cfg: pp.PPConfig, stats: list[Stats]) -> pp.Decoder:
-    """A copy of `dec` whose pruned layers are sliced for good by a static method at cfg.ratio."""
+def prune_static(dec: pp.Decoder, method: Method, cfg: pp.PPConfig, scores: dict[int, Tensor],
+                 stats: list[Stats] | None = None) -> pp.Decoder:
+    """A copy of `dec` whose pruned layers are sliced for good at cfg.ratio, by the method's
+    `unit_scores` (and its `stats`, for FLAP's allocation and bias)."""
     n_keep = pp.kept_counts(dec, cfg)
-    scores = {b: method.score(dec.blocks[b], stats[b]) for b in n_keep}
+    scores = {b: scores[b] for b in n_keep}
     if method.adaptive:
         keep = adaptive_keep(dec, scores, n_keep, stats[0].seqlen, cfg.mlp_multiple)
     else:
@@ -190,4 +388,95 @@ def prune_static(dec: pp.Decoder, method: Method, cfg: pp.PPConfig, stats: list[
         blocks[b] = dec.blocks[b].keep(units)
         if method.compensate_bias:
             blocks[b] = compensate_bias(dec.blocks[b], blocks[b], stats[b])
+    return replace(dec, blocks=blocks)
+
+
+# -----------------------------------------------------------------------------------------
+# Second-moment's pre-pruning recovery (Sec. 3.3, Algorithms 2-4): optional, off by default
+
+
+def out_field(blk: pp.Block) -> str:
+    """Name of the block's output projection field."""
+    return "wo" if isinstance(blk, pp.Attention) else "w2"
+
+
+def first_level(blk: pp.Block) -> list[str]:
+    """Names of the block's first-level linears (the depth-2 module's A): q/k/v, or gate/up."""
+    names = ["wq", "wk", "wv"] if isinstance(blk, pp.Attention) else ["w1", "w3"]
+    return [name for name in names if getattr(blk, name) is not None]
+
+
+def correction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """G = X^T X and K = X^T (x - x_hat) summed over tokens, X = [x_hat, 1] (N, C+1), fp32."""
+    xh = x_hat.reshape(-1, x_hat.shape[-1]).float()
+    diff = x.reshape(-1, x.shape[-1]).float() - xh  # (N, C)
+    xh = torch.cat([xh, xh.new_ones(len(xh), 1)], dim=1)
+    return xh.T @ xh, xh.T @ diff
+
+
+def solve_correction(g: Tensor, k: Tensor, damp: float) -> Tensor:
+    """T (C+1, C) of the least-squares fit x - x_hat ~ [x_hat, 1] T, damped (ridge) for stability."""
+    lam = damp * g.diagonal().mean()  # as GPTQ/SparseGPT damp their Hessians (1% of its mean diagonal)
+    return torch.linalg.solve(g + lam * torch.eye(len(g), device=g.device), k)
+
+
+def corrected(lin: pp.Linear, t: Tensor) -> pp.Linear:
+    """The linear refit so that its output on x_hat fits its dense output on x (least squares)."""
+    # lin(x) ~ lin(x_hat + x_hat T_x + T_1) = x_hat (W + W T_x^T)^T + (b + W T_1): the solution of
+    # min ||[x_hat, 1] [W~ | b~]^T - lin(x)||^2 (Algorithm 2's W~ = (X^T X)^-1 X^T Y), written as a
+    # correction of W, so that the damping pulls towards W and x_hat = x returns W itself.
+    w = lin.weight.float()
+    t_x, t_1 = t[:-1], t[-1]
+    bias = w @ t_1 if lin.bias is None else lin.bias.float() + w @ t_1
+    return pp.Linear((w + w @ t_x.T).to(lin.weight.dtype), bias.to(lin.weight.dtype))
+
+
+def recover_and_prune(dec: pp.Decoder, blk: pp.Block, streams: list[list], n_keep: int,
+                      damp: float) -> pp.Block:
+    """Algorithms 3-4 on one block (first level refit, then the output projection), then its
+    second-moment pruning on the inputs the pruned model gives it."""
+    def sums(pairs):
+        g, k = zip(*pairs)
+        return sum(g), sum(k)
+
+    inputs = [(pp.block_input(dec, blk, x), pp.block_input(dec, blk, x_hat), ctx) for x, x_hat, ctx in streams]
+    t = solve_correction(*sums(correction_sums(h_hat, h) for h, h_hat, _ in inputs), damp)
+    fixed = replace(blk, **{name: corrected(getattr(blk, name), t) for name in first_level(blk)})
+    pairs, stat, compare = [], None, SIMILARITY_SAMPLES
+    for h, h_hat, ctx in inputs:
+        z, z_hat = blk.inner(h, ctx), fixed.inner(h_hat, ctx)  # dense, and refit on the pruned input
+        pairs.append(correction_sums(z_hat, z))
+        stat = add_sums(stat, stat_sums(fixed, h_hat, z_hat, ctx, compare))
+        compare = max(0, compare - len(h))
+    fixed = replace(fixed, **{out_field(blk): corrected(blk.out, solve_correction(*sums(pairs), damp))})
+    st = Stats(*stat, seqlen=streams[0][0].shape[1])
+    return fixed.keep(pp.top_units(second_moment_scores(fixed, st), n_keep))
+
+
+@torch.no_grad()
+def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor], damp: float = 0.01) -> pp.Decoder:
+    """Second-moment with pre-pruning recovery at cfg.ratio: module by module, each block is refit
+    to its dense outputs on the inputs the already pruned blocks give it, then scored and pruned."""
+    n_keep = pp.kept_counts(dec, cfg)
+    streams = []  # per calibration batch: [dense residual stream x, pruned stream x_hat, context]
+    for ids in batches:
+        ids = ids.to(dec.embed.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+        x = pp.embed(dec, ids, ctx)
+        streams.append([x, x, ctx])
+    blocks = list(dec.blocks)
+    for b, blk in enumerate(dec.blocks):
+        device = pp.block_device(blk)  # a model split across GPUs: the streams follow the blocks
+        streams = [[x.to(device), x_hat.to(device), ctx.to(device)] for x, x_hat, ctx in streams]
+        if b in n_keep:
+            blocks[b] = recover_and_prune(dec, blk, streams, n_keep[b], damp)
+        for s in streams:
+            x, x_hat, ctx = s
+            s[0] = pp.add_residual(dec, blk, x, blk.inner(pp.block_input(dec, blk, x), ctx))
+            if x_hat is x and blocks[b] is blk:  # nothing pruned yet: the two streams are one
+                s[1] = s[0]
+            else:
+                small = blocks[b]
+                s[1] = pp.add_residual(dec, small, x_hat, small.inner(pp.block_input(dec, small, x_hat), ctx))
     return replace(dec, blocks=blocks)

@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task-data", default=None, metavar="DIR",
                    help="zero-shot: read DIR/<task>.jsonl (hub field layout) instead of the hub datasets")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (with --tasks: accuracy only)")
+    p.add_argument("--recovery", action="store_true",
+                   help="second-moment: refit each module by least squares before scoring it, as the "
+                        "paper's optional pre-pruning recovery (rows 'second-moment+rec'; slower)")
     p.add_argument("--mlp-multiple", type=int, default=None,
                    help="round kept MLP channels up to a multiple, for every method "
                         f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
@@ -115,6 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tasks = list(TASKS)
     args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
     check_task_args(args)
+    if args.recovery and "second-moment" not in args.method:
+        raise UsageError("--recovery applies to --method second-moment, which is not among the methods")
     for r in args.ratio:
         if not 0 <= r < 1:
             raise UsageError(f"--ratio must be in [0, 1), got {r}")
@@ -182,6 +187,9 @@ def check_model(args) -> transformers.PretrainedConfig:
     try:
         config = pp.load_config(args.model)
         pp.check_seqlen(config, args.seqlen)
+        # The longest window the model takes (gradient baselines calibrate on fixed lengths).
+        limits = (getattr(config, "max_position_embeddings", None), pp.sliding_window(config))
+        args.context = min((n for n in limits if n), default=math.inf)
         for r in args.ratio if set(args.method) - {"dense"} else []:
             pp.check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
     except (OSError, ValueError) as e:  # no such model, unsupported architecture, bad seqlen/ratio
@@ -639,7 +647,9 @@ def print_memory(items: list[tuple[str, int]]) -> None:
 # Output: a table printed row by row, and JSON rewritten after every row
 
 
-HEADER = (f"{'method':<14} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
+RECOVERY_SUFFIX = "+rec"  # second-moment with --recovery
+METHOD_WIDTH = len("second-moment" + RECOVERY_SUFFIX)
+HEADER = (f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
           f"{'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
 
 
@@ -649,7 +659,7 @@ def format_row(r: Row) -> str:
     prr = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
     probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
     peak = "" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
-    return (f"{r.method:<14} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
+    return (f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
             f"{speedup:>7} {prr:>8} {probe:>11} {peak:>8}")
 
 
@@ -661,7 +671,7 @@ def task_width(name: str) -> int:
 def task_header(names: list[str]) -> str:
     """Header of the zero-shot table: a column per task (* = acc_norm, else acc), average, seconds."""
     cells = " ".join(f"{name + '*' * TASKS[name].acc_norm:>{task_width(name)}}" for name in names)
-    return f"{'method':<14} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
+    return f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
 
 
 def format_task_row(r: Row, names: list[str]) -> str:
@@ -671,7 +681,7 @@ def format_task_row(r: Row, names: list[str]) -> str:
                      for name, se in zip(names, ses))
     avg_se = math.sqrt(sum(se * se for se in ses)) / len(names)  # the tasks' errors are independent
     average = f"{100 * r.avg_acc:.1f}±{100 * avg_se:.1f}"
-    return f"{r.method:<14} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
+    return f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
 
 
 def write_json(path: str | None, rows: list[Row]) -> None:
@@ -703,11 +713,20 @@ def calibration_batches(args, tokenizer, docs: list[str]) -> list[torch.Tensor]:
     return [b.to(args.device) for b in calib.split(args.batch_size)]
 
 
+class Calibration(NamedTuple):
+    """What every method learned from the same calibration windows."""
+
+    batches: list[torch.Tensor]  # the windows, batched (second-moment's recovery reruns them)
+    history: list[torch.Tensor] | None  # PP's historical states
+    stats: list[baselines.Stats] | None  # the statistics-based baselines' statistics
+    scores: dict[str, dict[int, torch.Tensor]]  # baseline -> block -> unit scores
+
+
 class Runner:
     """Builds each method's logits function on the same model, calibration and settings."""
 
-    def __init__(self, args, model, dec: pp.Decoder, history, stats):
-        self.args, self.model, self.dec, self.history, self.stats = args, model, dec, history, stats
+    def __init__(self, args, model, dec: pp.Decoder, calib: Calibration):
+        self.args, self.model, self.dec, self.calib = args, model, dec, calib
 
     def config(self, method: str, ratio: float) -> pp.PPConfig:
         """PP settings of a method at a ratio (every method rounds MLP widths alike)."""
@@ -719,11 +738,19 @@ class Runner:
         if method == "dense":
             return lambda ids, mask=None: pp.run(self.dec, ids, mask)
         cfg = self.config(method, ratio)
+        if method == "second-moment" and self.args.recovery:  # refit and scored anew at each ratio
+            pruned = baselines.prune_recovered(self.dec, cfg, self.calib.batches)
+            return lambda ids, mask=None: pp.run(pruned, ids, mask)
         if method in baselines.METHODS:
-            pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.stats)
+            pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.calib.scores[method],
+                                            self.calib.stats)
             return lambda ids, mask=None: pp.run(pruned, ids, mask)
         # A fresh copy of the calibration history: every round of PP sees the same batches alike.
-        return pp.ProbePruner(self.model, cfg, self.history if cfg.use_history else None)
+        return pp.ProbePruner(self.model, cfg, self.calib.history if cfg.use_history else None)
+
+    def label(self, method: str) -> str:
+        """The method's name in the results."""
+        return method + RECOVERY_SUFFIX if method == "second-moment" and self.args.recovery else method
 
 
 def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
@@ -731,7 +758,7 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     """Evaluate every requested method and ratio on the same batches, reporting each row at once."""
     dec = pp.read_weights(model)
     tasks = prepare_tasks(args, model.config, tokenizer, examples)  # quick, and may refuse the run
-    runner = Runner(args, model, dec, *calibrate(args, tokenizer, dec, docs))
+    runner = Runner(args, model, dec, calibrate(args, tokenizer, dec, docs))
     jobs = [("dense", 0.0)] if "dense" in args.method else []
     jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
     rows: dict[tuple[str, float], Row] = {}
@@ -742,16 +769,29 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     return list(rows.values())
 
 
-def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> tuple[list | None, dict | None]:
-    """PP's historical states and the baselines' statistics, from the same calibration windows."""
-    history, stats = None, None
-    if "calib" in docs:
-        calib = calibration_batches(args, tokenizer, docs["calib"])
-        if "pp" in args.method:  # kept on the CPU; each pruner copies it to its blocks' devices
-            history = [h.cpu() for h in pp.collect_history(dec, progress(calib, "calibration (PP history)"))]
-        if set(args.method) & set(baselines.METHODS):
-            stats = baselines.collect_stats(dec, progress(calib, "calibration (baselines)"))
-    return history, stats
+def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> Calibration:
+    """PP's historical states and the baselines' scores, from the same calibration documents."""
+    calib = Calibration([], None, None, {})
+    if "calib" not in docs:
+        return calib
+    calib = calib._replace(batches=calibration_batches(args, tokenizer, docs["calib"]))
+    if "pp" in args.method:  # kept on the CPU; each pruner copies it to its blocks' devices
+        history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
+        calib = calib._replace(history=[h.cpu() for h in history])
+    wanted = {name: baselines.METHODS[name] for name in args.method if name in baselines.METHODS}
+    if any(m.score is not None for m in wanted.values()):
+        similarity = any(m.similarity for m in wanted.values())
+        calib = calib._replace(stats=baselines.collect_stats(dec, progress(calib.batches, "calibration (baselines)"),
+                                                             similarity))
+    for name, method in wanted.items():
+        ids = None
+        if method.gradient is not None:  # its own windows, from the same documents and seed
+            n, seqlen = method.windows
+            seqlen = min(seqlen, args.context)  # a model with a shorter context: its whole context
+            ids = calib_windows(tokenizer, docs["calib"], n, seqlen, args.seed).to(args.device)
+            print(f"# {name}: gradients of one pass over {n} calibration windows of {seqlen} tokens", flush=True)
+        calib.scores[name] = baselines.unit_scores(dec, method, calib.stats, ids)
+    return calib
 
 
 def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[tuple[str, float]],
@@ -774,7 +814,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             fn = runner.logits_fn(method, ratio)
             desc = f"{method} {ratio}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
             ppl, seconds, tokens = measure(fn, batches, desc)
-            row = rows.setdefault((method, ratio), Row(method, ratio, ppl, seconds, tokens / seconds))
+            row = rows.setdefault((method, ratio), Row(runner.label(method), ratio, ppl, seconds, tokens / seconds))
             row.round_seconds.append(seconds)
             row.seconds = statistics.median(row.round_seconds)
             row.tokens_per_s = tokens / row.seconds
@@ -833,7 +873,7 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
         results = {name: accuracy(TASKS[name], t.examples,
                                   score_requests(fn, t.batches, t.n_requests, f"{method} {ratio} {name}"))
                    for name, t in tasks.items()}
-        row = rows.setdefault((method, ratio), Row(method, ratio))
+        row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
         row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced
         row.avg_acc = statistics.mean(reported(r) for r in results.values())
         del fn

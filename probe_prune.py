@@ -266,8 +266,8 @@ class Attention:
         """Channels per pruning unit: a whole head."""
         return self.head_dim
 
-    def inner(self, h: Tensor, ctx: Context) -> Tensor:
-        """Attention output before wo: (B, T, C) -> (B, T, n_heads * hd)."""
+    def qkv(self, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, nh, T, hd), keys and values (B, nkv, T, hd), RoPE applied."""
         B, T, _ = h.shape
         q = linear(h, self.wq).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = linear(h, self.wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -278,6 +278,12 @@ class Attention:
             # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
             # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
             k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T, hd)
+        return q, k, v
+
+    def inner(self, h: Tensor, ctx: Context) -> Tensor:
+        """Attention output before wo: (B, T, C) -> (B, T, n_heads * hd)."""
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h, ctx)
         # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
                                            enable_gqa=k.shape[1] != q.shape[1])  # (B, nh, T, hd)
@@ -457,12 +463,30 @@ PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
 ObserveFn = Callable[[int, Block, Tensor, Tensor, Context], None]
 
 
-@torch.no_grad()  # inference only: no autograd graph over the whole batch
+def block_input(dec: Decoder, blk: Block, x: Tensor) -> Tensor:
+    """The block's input h (B, T, C): the normalized residual stream x (pre-LN), else x itself."""
+    return norm(x, blk.norm) if dec.pre_norm else x
+
+
+def add_residual(dec: Decoder, blk: Block, x: Tensor, z: Tensor) -> Tensor:
+    """The residual stream after the block: x + out(z), normalized after the add for post-LN OPT."""
+    x = x + linear(z, blk.out)
+    return x if dec.pre_norm else norm(x, blk.norm)  # opt-350m normalizes after the residual add
+
+
 def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
-        prune: PruneFn | None = None, observe: ObserveFn | None = None) -> Tensor:
+        prune: PruneFn | None = None, observe: ObserveFn | None = None, grad: bool = False) -> Tensor:
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
     `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
-    of its output projection."""
+    of its output projection. `grad=True` records autograd (gradient-based baselines only)."""
+    # Inference keeps autograd off: no graph over the whole batch.
+    with torch.set_grad_enabled(grad):
+        return forward_blocks(dec, input_ids, attention_mask, prune, observe)
+
+
+def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None,
+                   prune: PruneFn | None, observe: ObserveFn | None) -> Tensor:
+    """The body of `run`, under its autograd setting."""
     if dec.window is not None and input_ids.shape[1] > dec.window:
         raise ValueError(f"{input_ids.shape[1]} tokens per sample exceed the sliding attention window "
                          f"of {dec.window} (sliding-window attention is not implemented)")
@@ -479,15 +503,13 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
         # context follow the blocks' weights; both are no-ops while the device stays the same.
         device = block_device(blk)
         x, ctx = x.to(device), ctx.to(device)
-        h = norm(x, blk.norm) if dec.pre_norm else x  # (B, T, C) the block's normalized input
+        h = block_input(dec, blk, x)  # (B, T, C)
         if prune is not None:
             blk = prune(b, blk, x, h, ctx)
         z = blk.inner(h, ctx)  # (B, T, Cz)
         if observe is not None:
             observe(b, blk, h, z, ctx)
-        x = x + linear(z, blk.out)
-        if not dec.pre_norm:  # post-LN OPT (opt-350m) normalizes after the residual add
-            x = norm(x, blk.norm)
+        x = add_residual(dec, blk, x, z)
     return head(dec, x)
 
 

@@ -369,7 +369,7 @@ def test_cli_help():
     code, out, _ = run_cli("--help")
     assert code == 0
     for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
-                   "--limit", "--task-data", "--no-ppl"):
+                   "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune"):
         assert option in out
 
 
@@ -381,7 +381,7 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
                              "--max-batches", "2", "--nsamples", "4", "--json", str(results))
     assert code == 0, err
     rows = json.loads(results.read_text())
-    pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment"]
+    pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment", "llm-pruner", "loraprune"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0)] + [
         (m, r) for r in (0.2, 0.4) for m in pruning]
     for r in rows:
@@ -394,6 +394,21 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
     assert rows[0]["speedup"] == 1.0
     assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
     assert "pp" in out and "fullbatch" in out and "64 tokens" in out
+    # LoRAPrune's 512-token windows, capped at this model's context of 128
+    assert "llm-pruner: gradients of one pass over 10 calibration windows of 64 tokens" in out
+    assert "loraprune: gradients of one pass over 10 calibration windows of 128 tokens" in out
+
+
+def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    files = {"--data": tiny_model_dir / "test.txt", "--calib": tiny_model_dir / "calib.jsonl", "--json": results}
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--method", "second-moment", "--recovery",
+                             "--seqlen", "64", "--max-batches", "1", "--nsamples", "4",
+                             *[str(x) for kv in files.items() for x in kv])
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("second-moment+rec", 0.4)] and math.isfinite(rows[0]["ppl"])
+    assert "second-moment+rec" in out
 
 
 @pytest.mark.parametrize("args,message", [
@@ -435,7 +450,14 @@ def baseline_stats(model, seed=3):
     """Calibration statistics of a random model on two random batches (and the batches)."""
     torch.manual_seed(seed)
     batches = [torch.randint(0, model.config.vocab_size, (4, 16)) for _ in range(2)]
-    return bl.collect_stats(pp.read_weights(model), batches), batches
+    return bl.collect_stats(pp.read_weights(model), batches, similarity=True), batches
+
+
+def static_pruned(dec, name, cfg, stats, batches):
+    """`dec` pruned by baseline `name`; the gradient methods calibrate on the first batch."""
+    method = bl.METHODS[name]
+    ids = batches[0] if method.gradient else None
+    return bl.prune_static(dec, method, cfg, bl.unit_scores(dec, method, stats, ids), stats)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
@@ -444,18 +466,18 @@ def test_baseline_ratio_zero_is_exactly_dense(name, method):
     model = make_model(name)
     stats, batches = baseline_stats(model)
     dec = pp.read_weights(model)
-    pruned = bl.prune_static(dec, bl.METHODS[method], pp.PPConfig(0.0, dense_layers=1), stats)
+    pruned = static_pruned(dec, method, pp.PPConfig(0.0, dense_layers=1), stats, batches)
     assert torch.equal(pp.run(pruned, batches[0]), pp.forward(model, batches[0]))
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln", "opt-post-ln-proj"])
-@pytest.mark.parametrize("method", ["wanda-sp", "second-moment"])
+@pytest.mark.parametrize("method", ["wanda-sp", "second-moment", "llm-pruner", "loraprune"])
 def test_uniform_baselines_keep_pps_counts_on_sliced_weights(name, method):
     model = make_model(name)
     stats, batches = baseline_stats(model)
     dec = pp.read_weights(model)
     cfg = pp.PPConfig(0.4, dense_layers=1)
-    pruned = bl.prune_static(dec, bl.METHODS[method], cfg, stats)
+    pruned = static_pruned(dec, method, cfg, stats, batches)
     assert pruned.blocks[0] is dec.blocks[0] and pruned.blocks[1] is dec.blocks[1]  # dense layer
     assert same_storage(dec.blocks[0].wq.weight, model.model.layers[0].self_attn.q_proj.weight
                         if isinstance(model, LlamaForCausalLM) else model.model.decoder.layers[0].self_attn.q_proj.weight)
@@ -473,7 +495,7 @@ def test_flap_allocates_the_same_budget_across_layers_and_modules(name):
     stats, _ = baseline_stats(model)
     dec = pp.read_weights(model)
     cfg = pp.PPConfig(0.4, dense_layers=1)
-    pruned = bl.prune_static(dec, bl.METHODS["flap"], cfg, stats)
+    pruned = static_pruned(dec, "flap", cfg, stats, None)
     n_keep, T = pp.kept_counts(dec, cfg), stats[0].seqlen
     cost = {b: bl.unit_cost(dec.blocks[b], T) for b in n_keep}
     budget = sum(n * cost[b] for b, n in n_keep.items())
@@ -496,13 +518,14 @@ def test_baseline_scores_match_a_hand_computation():
     h = torch.tensor([[1.0, 2.0], [-1.0, 0.0], [3.0, 1.0]])  # three calibration tokens (N, C)
     z = blk.inner(h)  # (N, 3)
     x1 = torch.cat([h, torch.ones(3, 1)], dim=1)
-    st = bl.Stats(torch.tensor(3.0), z.sum(0), z.square().sum(0), x1.T @ x1, seqlen=3)
+    st = bl.Stats(torch.tensor(3.0), z.sum(0), z.square().sum(0), x1.T @ x1, None, None, seqlen=3)
     W = blk.w2.weight
     col_abs, col_sq = W.abs().sum(0), W.square().sum(0)  # (3,) = [4, 3, 2], [10, 5, 4]
     wanda = torch.stack([z[:, j].norm() * col_abs[j] for j in range(3)])
     torch.testing.assert_close(bl.wanda_sp_scores(blk, st), wanda)
     fluct = torch.stack([z[:, j].var(unbiased=False) * col_sq[j] for j in range(3)])
     torch.testing.assert_close(bl.flap_scores(blk, st), (fluct - fluct.mean()) / fluct.std())
+    torch.testing.assert_close(bl.flap_scores(blk, st, square_attention=True), bl.flap_scores(blk, st))  # an MLP
     gate_pre, up_pre = h @ blk.w1.weight.T, h @ blk.w3.weight.T  # (N, 3) pre-activations
     second = torch.stack([0.5 * col_sq[j] * gate_pre[:, j].square().mean()
                           * col_sq[j] * up_pre[:, j].square().mean() for j in range(3)])
@@ -513,7 +536,7 @@ def test_flap_bias_compensation_keeps_the_output_mean():
     model = make_model("opt-pre-ln")
     dec = pp.read_weights(model)
     stats, batches = baseline_stats(model)
-    pruned = bl.prune_static(dec, bl.METHODS["flap"], pp.PPConfig(0.4, dense_layers=1), stats)
+    pruned = static_pruned(dec, "flap", pp.PPConfig(0.4, dense_layers=1), stats, batches)
     outs = {"dense": [], "pruned": []}
 
     def observe(b, blk, h, z, ctx):  # the dense forward's inner states of block 5 (an MLP)
@@ -530,15 +553,174 @@ def test_flap_bias_compensation_keeps_the_output_mean():
     assert not torch.allclose(pruned.blocks[5].w2.bias, dec.blocks[5].w2.bias, atol=1e-3)  # it did move
 
 
+def test_taylor_scores_match_autograd_through_transformers():
+    """LLM-Pruner's scores: |W * dL/dW| summed per head / channel, L the transformers model's own loss."""
+    model = make_model("llama-mha")  # parameters require grad
+    torch.manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    scores = bl.taylor_scores(pp.read_weights(model), ids)
+    assert all(p.grad is None for p in model.parameters())  # our pass leaves no gradient behind
+    model(ids, labels=ids).loss.backward()  # mean next-token cross-entropy
+    e = lambda lin, axis: (lin.weight * lin.weight.grad).abs().sum(1 - axis)  # per row (0) / column (1)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        heads = (e(a.q_proj, 0) + e(a.k_proj, 0) + e(a.v_proj, 0) + e(a.o_proj, 1)).view(-1, hd).sum(1)
+        channels = e(m.gate_proj, 0) + e(m.up_proj, 0) + e(m.down_proj, 1)
+        torch.testing.assert_close(scores[2 * i], heads, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(scores[2 * i + 1], channels, rtol=1e-4, atol=1e-7)
+
+
+def test_taylor_scores_with_gqa_sum_q_rows_and_o_columns_only():
+    model = make_model("llama-gqa")
+    torch.manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    scores = bl.taylor_scores(pp.read_weights(model), ids)
+    model(ids, labels=ids).loss.backward()
+    a = model.model.layers[1].self_attn
+    per_head = lambda t: t.view(model.config.num_attention_heads, -1).sum(1)
+    heads = per_head((a.q_proj.weight * a.q_proj.weight.grad).abs().sum(1)) + per_head(
+        (a.o_proj.weight * a.o_proj.weight.grad).abs().sum(0))
+    torch.testing.assert_close(scores[2], heads, rtol=1e-4, atol=1e-7)
+
+
+def test_loraprune_gradient_at_b_zero_is_the_projected_true_gradient():
+    torch.manual_seed(5)
+    w, x, target = torch.randn(6, 5), torch.randn(7, 5), torch.randn(7, 6)
+    a, scale = torch.randn(2, 5), 2.0
+    b = torch.zeros(6, 2, requires_grad=True)
+    a_leaf, w_leaf = a.clone().requires_grad_(), w.clone().requires_grad_()
+    y = x @ w_leaf.T + scale * (x @ a_leaf.T) @ b.T  # the adapted linear, as LoRA runs it
+    F.mse_loss(y, target).backward()
+    g = w_leaf.grad
+    grad_b, grad_a = bl.adapter_grads(g, a, b.detach(), scale)
+    torch.testing.assert_close(grad_b, b.grad)  # the chain rule gives the adapters' own gradients
+    torch.testing.assert_close(grad_a, a_leaf.grad)
+    torch.testing.assert_close(bl.lora_gradient(grad_b, grad_a, a, b.detach()), scale * g @ a.T @ a)
+    b2 = torch.randn(6, 2)  # away from B = 0 the estimate has all three terms
+    gb, ga = bl.adapter_grads(g, a, b2, scale)
+    torch.testing.assert_close(bl.lora_gradient(gb, ga, a, b2), gb @ a + b2 @ ga - gb @ ga)
+
+
+def test_loraprune_scores_normalize_each_projection():
+    model = make_model("opt-pre-ln")
+    torch.manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    dec = pp.read_weights(model)
+    scores = bl.loraprune_scores(dec, ids, seed=0)
+    assert all(p.grad is None for p in model.parameters())
+    for b, blk in enumerate(dec.blocks):  # each of n linears adds a unit-norm vector
+        n = len(bl.sliced_linears(blk))
+        assert 0 < scores[b].norm() <= n + 1e-4 and (scores[b] >= 0).all()
+    torch.testing.assert_close(bl.loraprune_scores(dec, ids, seed=0)[3], scores[3])  # seeded adapters
+
+
+def test_js_head_divergence_on_hand_made_maps():
+    # Two samples, three tokens, three heads: heads 0 and 1 attend alike; head 2 differently.
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    maps = torch.stack([p, p, q])[None].expand(2, -1, -1, -1)  # (B=2, nh=3, T=3, T=3)
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # sample 1's last token is padding
+
+    def js(r, s):  # sqrt of 1/2 KL(r||m) + 1/2 KL(s||m), m = (r + s) / 2, one row
+        m = (r + s) / 2
+        kl = lambda u: sum(ui * math.log(ui / mi) for ui, mi in zip(u.tolist(), m.tolist()) if ui > 0)
+        return math.sqrt(0.5 * kl(r) + 0.5 * kl(s))
+
+    rows = [js(p[t], q[t]) for t in range(3)]
+    d = bl.js_distance_sums(maps, mask)
+    assert d[0, 1] == 0 and d[1, 0] == 0 and (d.diagonal() == 0).all()
+    assert d[0, 2].item() == pytest.approx(2 * rows[0] + 2 * rows[1] + rows[2], rel=1e-5)  # 5 real rows
+    assert d[2, 1] == d[1, 2] == d[0, 2]
+
+
+def test_head_divergence_uses_the_first_samples_and_the_blocks_own_attention(monkeypatch):
+    model = make_model("llama-gqa")
+    dec = pp.read_weights(model)
+    monkeypatch.setattr(bl, "SIMILARITY_SAMPLES", 6)  # all of batch 1, two samples of batch 2
+    torch.manual_seed(8)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 10)) for _ in range(2)]
+    stats = bl.collect_stats(dec, batches, similarity=True)
+    maps = []
+
+    def observe(b, blk, h, z, ctx):
+        if b == 2:
+            p = bl.attention_maps(blk, h, ctx)  # (B, nh, T, T)
+            _, _, v = blk.qkv(h, ctx)
+            y = p @ v.repeat_interleave(blk.group, dim=1)  # the maps reproduce the block's attention
+            torch.testing.assert_close(y.transpose(1, 2).flatten(2), z, rtol=1e-4, atol=1e-5)
+            maps.append(p)
+
+    for ids in batches:
+        pp.run(dec, ids, observe=observe)
+    expected = bl.js_distance_sums(torch.cat(maps)[:6], torch.ones(6, 10, dtype=torch.bool))
+    torch.testing.assert_close(stats[2].head_div, expected)
+    assert stats[2].head_rows == 60 and stats[2].n == 80 and stats[3].head_div is None
+
+
+def test_similar_heads_follow_algorithm_1():
+    div = torch.tensor([[0.0, 0.1, 0.1, 0.5, 0.5],
+                        [0.1, 0.0, 0.1, 0.5, 0.5],
+                        [0.1, 0.1, 0.0, 0.5, 0.5],
+                        [0.5, 0.5, 0.5, 0.0, 0.15],
+                        [0.5, 0.5, 0.5, 0.15, 0.0]])
+    # Heads 0-2 are alike: 0 (with 1), then 1 (with 2) become candidates, 2 stays; 3 and 4 are
+    # alike only under tau 0.2.
+    assert bl.similar_heads(div, 0.12).tolist() == [True, True, False, False, False]
+    assert bl.similar_heads(div, 0.2).tolist() == [True, True, False, True, False]
+    scores = torch.tensor([5.0, 1.0, 9.0, 0.5, 2.0])
+    ranked = bl.second_moment_scores(*make_stats_attention(scores, div)).argsort().tolist()  # lowest first
+    assert ranked == [3, 1, 0, 4, 2]  # tau 0.2: candidates 3, 1, 0 by score (0 before 4), then 4, 2
+
+
+def make_stats_attention(head_scores, div):
+    """An attention block (5 heads of 1 channel, o_proj = identity) and Stats giving `head_scores`."""
+    n = len(head_scores)
+    eye = pp.Linear(torch.eye(n), None)
+    blk = pp.Attention(pp.Norm(None, None, 1e-5, False), eye, eye, eye, eye, head_dim=1)
+    st = bl.Stats(torch.tensor(2.0), torch.zeros(n), 2 * head_scores, None, 3 * div, torch.tensor(3.0), seqlen=4)
+    return blk, st
+
+
+def test_recovery_refits_a_module_to_its_dense_outputs():
+    """Algorithm 2's least squares: on inputs that a linear map bent, the refit linear gives the
+    dense outputs again (exactly, without damping)."""
+    torch.manual_seed(7)
+    w = pp.Linear(torch.randn(4, 3), torch.randn(4))
+    x = torch.randn(50, 3)
+    x_hat = x @ torch.randn(3, 3) + 0.3  # an invertible affine change of the input
+    g, k = bl.correction_sums(x_hat, x)
+    fixed = bl.corrected(w, bl.solve_correction(g, k, damp=0.0))
+    torch.testing.assert_close(pp.linear(x_hat, fixed), pp.linear(x, w), rtol=1e-4, atol=1e-4)
+    g, k = bl.correction_sums(x, x)  # the same input: nothing to correct, at any damping
+    torch.testing.assert_close(bl.corrected(w, bl.solve_correction(g, k, damp=0.01)).weight, w.weight)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-post-ln-proj"])
+def test_recovery_at_ratio_zero_is_dense_and_prunes_pps_counts(name):
+    model = make_model(name)
+    _, batches = baseline_stats(model)
+    dec = pp.read_weights(model)
+    dense = pp.run(dec, batches[0])
+    torch.testing.assert_close(pp.run(bl.prune_recovered(dec, pp.PPConfig(0.0, dense_layers=1), batches),
+                                      batches[0]), dense, rtol=1e-5, atol=1e-5)
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    pruned = bl.prune_recovered(dec, cfg, batches)
+    for b, n in pp.kept_counts(dec, cfg).items():
+        assert pruned.blocks[b].out.weight.shape[1] == n * dec.blocks[b].unit
+    assert pruned.blocks[0] is dec.blocks[0]
+    assert not torch.equal(pruned.blocks[2].wq.weight, dec.blocks[2].wq.weight[: len(pruned.blocks[2].wq.weight)])
+
+
 def test_real_model_every_baseline_is_finite_and_worse_than_dense(smollm2, wiki_windows):
     model, tok = smollm2
     dec = pp.read_weights(model)
     calib = ev.calib_windows(tok, ev.read_documents(str(C4)), n=16, seqlen=256, seed=0)
-    stats = bl.collect_stats(dec, calib.split(8))
+    stats = bl.collect_stats(dec, calib.split(8), similarity=True)
     windows = wiki_windows[:4]
     dense = perplexity(lambda ids: pp.run(dec, ids), windows)
-    for name, method in bl.METHODS.items():
-        pruned = bl.prune_static(dec, method, pp.PPConfig(0.4), stats)
+    for name in bl.METHODS:
+        pruned = static_pruned(dec, name, pp.PPConfig(0.4), stats, [calib[:4, :64]])
         ppl = perplexity(lambda ids, pruned=pruned: pp.run(pruned, ids), windows)
         assert math.isfinite(ppl) and ppl > dense, (name, ppl, dense)
 
@@ -571,10 +753,12 @@ def test_nothing_held_keeps_an_autograd_graph():
     pruner = pp.ProbePruner(model, pp.PPConfig(0.4, dense_layers=1)).calibrate([(ids, mask)])
     pruner(ids, mask)
     held = list(tensors_in([pruner.dec, pruner.out_norms, pruner.history]))
-    stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)])
-    for method in bl.METHODS.values():
-        held += tensors_in(bl.prune_static(pp.read_weights(model), method, pp.PPConfig(0.4, dense_layers=1), stats))
+    stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)], similarity=True)
+    for name in bl.METHODS:
+        held += tensors_in(static_pruned(pp.read_weights(model), name, pp.PPConfig(0.4, dense_layers=1), stats, [ids]))
+    held += tensors_in(bl.prune_recovered(pp.read_weights(model), pp.PPConfig(0.4, dense_layers=1), [ids]))
     held += tensors_in(stats)
+    assert all(p.grad is None for p in model.parameters())
     assert len(held) > 100
     assert not [t.shape for t in held if t.grad_fn is not None or t.requires_grad]
 
@@ -619,7 +803,7 @@ def test_mlp_multiple_applies_to_every_method(method):
     cfg = pp.PPConfig(0.4, dense_layers=1, mlp_multiple=16)  # 45 kept -> 48
     stats, batches = baseline_stats(model)
     if method in bl.METHODS:
-        pruned = bl.prune_static(dec, bl.METHODS[method], cfg, stats)
+        pruned = static_pruned(dec, method, cfg, stats, batches)
         widths = [pruned.blocks[b].w2.weight.shape[1] for b in (3, 5, 7)]
     else:
         pruner = RecordingPruner(model, cfg if method == "pp" else pp.PPConfig.full_batch(0.4, dense_layers=1,
@@ -724,6 +908,7 @@ def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message):
     (["--ratio", "0.2", "0.89"], "leaves none"),
     (["--seqlen", "4096"], "beyond the model's context of 2048 tokens"),
     (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
+    (["--recovery", "--method", "flap"], "--recovery applies to --method second-moment"),
 ])
 def test_cli_mistakes_are_reported_before_the_weights_load(config_only_dir, args, message):
     code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
