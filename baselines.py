@@ -454,9 +454,11 @@ def recover_and_prune(dec: pp.Decoder, blk: pp.Block, streams: list[list], n_kee
 
 
 @torch.no_grad()
-def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor], damp: float = 0.01) -> pp.Decoder:
+def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor], damp: float = 0.01,
+                    progress: Callable[[list], Iterable] = iter) -> pp.Decoder:
     """Second-moment with pre-pruning recovery at cfg.ratio: module by module, each block is refit
-    to its dense outputs on the inputs the already pruned blocks give it, then scored and pruned."""
+    to its dense outputs on the inputs the already pruned blocks give it, then scored and pruned.
+    `progress` wraps the list of blocks (e.g. a progress bar: the refit is slow)."""
     n_keep = pp.kept_counts(dec, cfg)
     streams = []  # per calibration batch: [dense residual stream x, pruned stream x_hat, context]
     for ids in batches:
@@ -466,7 +468,7 @@ def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor]
         x = pp.embed(dec, ids, ctx)
         streams.append([x, x, ctx])
     blocks = list(dec.blocks)
-    for b, blk in enumerate(dec.blocks):
+    for b, blk in enumerate(progress(dec.blocks)):
         device = pp.block_device(blk)  # a model split across GPUs: the streams follow the blocks
         streams = [[x.to(device), x_hat.to(device), ctx.to(device)] for x, x_hat, ctx in streams]
         if b in n_keep:

@@ -559,9 +559,9 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def progress(batches: list[torch.Tensor], desc: str):
-    """A progress bar over batches, on stderr."""
-    return tqdm(batches, desc=desc, leave=False, file=sys.stderr)
+def progress(items: list, desc: str):
+    """A progress bar over batches (or blocks), on stderr."""
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr)
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -739,7 +739,8 @@ class Runner:
             return lambda ids, mask=None: pp.run(self.dec, ids, mask)
         cfg = self.config(method, ratio)
         if method == "second-moment" and self.args.recovery:  # refit and scored anew at each ratio
-            pruned = baselines.prune_recovered(self.dec, cfg, self.calib.batches)
+            pruned = baselines.prune_recovered(self.dec, cfg, self.calib.batches,
+                                               progress=lambda blocks: progress(blocks, f"recovery at {ratio}"))
             return lambda ids, mask=None: pp.run(pruned, ids, mask)
         if method in baselines.METHODS:
             pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.calib.scores[method],
@@ -812,7 +813,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
         for method, ratio in jobs:
             reset_peak_memory()
             fn = runner.logits_fn(method, ratio)
-            desc = f"{method} {ratio}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+            desc = f"{runner.label(method)} {ratio}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
             ppl, seconds, tokens = measure(fn, batches, desc)
             row = rows.setdefault((method, ratio), Row(runner.label(method), ratio, ppl, seconds, tokens / seconds))
             row.round_seconds.append(seconds)
@@ -871,7 +872,7 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
         fn = runner.logits_fn(method, ratio)
         start = time.perf_counter()
         results = {name: accuracy(TASKS[name], t.examples,
-                                  score_requests(fn, t.batches, t.n_requests, f"{method} {ratio} {name}"))
+                                  score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}"))
                    for name, t in tasks.items()}
         row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
         row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced

@@ -409,6 +409,7 @@ def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
     rows = json.loads(results.read_text())
     assert [(r["method"], r["ratio"]) for r in rows] == [("second-moment+rec", 0.4)] and math.isfinite(rows[0]["ppl"])
     assert "second-moment+rec" in out
+    assert "recovery at 0.4" in err  # the slow refit shows its progress, block by block
 
 
 @pytest.mark.parametrize("args,message", [
