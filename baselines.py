@@ -223,22 +223,54 @@ def sliced_linears(blk: pp.Block) -> list[tuple[str, int]]:
     return [(name, axis) for name, axis in fields if getattr(blk, name) is not None]
 
 
-ElementScores = Callable[[Tensor], Tensor]  # dL/dW (out, in) -> one score per weight (out, in), fp32
+@dataclass(frozen=True)
+class WeightScorer:
+    """How a gradient method scores one weight W from G = dL/dW. Over micro-batches it sums
+    `project(G)`, which is linear in G, so the sum is the projection of the whole pass's gradient;
+    `finish` turns that sum into one score per weight (out, in), fp32."""
+
+    project: Callable[[Tensor], tuple[Tensor, ...]]
+    finish: Callable[[tuple[Tensor, ...]], Tensor]
 
 
-def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], ElementScores],
-                    normalize: bool = False) -> dict[int, Tensor]:
-    """Unit scores of every block from one forward/backward pass of the mean next-token loss on
-    `ids` (N, T): a unit sums its weights' element scores; `normalize` scales each linear's unit
-    scores to unit L2 norm before a block adds them up. `scorer(W)` gives W's element scores."""
+# A backward pass keeps every layer's activations: about 6.5 MB per token on LLaMA-2-7B in fp16
+# (README, *Gradient memory*). 640 tokens per pass keep that near 4 GB beside its 13.5 GB of
+# weights, one 24 GB GPU: LLM-Pruner's 10 x 64 tokens in a single pass (which never holds a
+# model's worth of gradients), LoRAPrune's 512-token windows one at a time.
+GRAD_TOKENS = 640
+
+
+def default_grad_batch(window: int) -> int:
+    """Calibration windows of `window` tokens per backward pass: as many as fit in GRAD_TOKENS."""
+    return max(1, GRAD_TOKENS // window)
+
+
+def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], WeightScorer],
+                    normalize: bool = False, batch: int | None = None) -> dict[int, Tensor]:
+    """Unit scores of every block from the gradient of the mean next-token loss on `ids` (N, T),
+    taken `batch` windows per backward pass (default: all at once): a unit sums its weights'
+    scores; `normalize` scales each linear's unit scores to unit L2 norm before a block adds them
+    up. `scorer(W)` says how W's gradient becomes its scores."""
     scores: dict[int, Tensor] = {}
+    sums: dict[Tensor, tuple[Tensor, ...]] = {}  # leaf -> its projected gradients so far
     blocks = list(dec.blocks)
+    parts = ids.split(batch or len(ids))
+    n_targets = ids[:, 1:].numel()  # each part's summed loss over this is its share of the mean
+    last = False  # whether the running backward pass is the last part's (the hooks read it)
 
-    def reduce(w: Tensor, b: int, axis: int, element_scores: ElementScores) -> None:
-        """Fold a weight's gradient into its block's unit scores the moment it exists, then free it."""
-        s = per_unit(element_scores(w.grad).sum(1 - axis), dec.blocks[b])  # (units,)
-        scores[b] += s / s.norm() if normalize else s
-        w.grad = None  # one weight's gradient alive at a time: a 7B model's would not fit beside it
+    def reduce(w: Tensor, b: int, axis: int, score: WeightScorer) -> None:
+        """Add a weight's projected gradient to its sum the moment it exists, then free the
+        gradient; after the last part, fold the sum into the block's unit scores."""
+        new = score.project(w.grad)
+        w.grad = None  # one weight's full gradient alive at a time, unless a projection is the gradient
+        if w in sums:
+            for acc, x in zip(sums[w], new):
+                acc.add_(x)
+        else:
+            sums[w] = new
+        if last:
+            s = per_unit(score.finish(sums.pop(w)).sum(1 - axis), dec.blocks[b])  # (units,)
+            scores[b] += s / s.norm() if normalize else s
 
     for b, blk in enumerate(dec.blocks):
         scores[b] = torch.zeros(blk.out.weight.shape[1] // blk.unit, device=pp.block_device(blk))
@@ -246,20 +278,32 @@ def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], Ele
         for name, axis in sliced_linears(blk):
             lin = getattr(blk, name)
             w = lin.weight.detach().requires_grad_()  # a leaf on the same storage: no copy
-            w.register_post_accumulate_grad_hook(partial(reduce, b=b, axis=axis, element_scores=scorer(lin.weight)))
+            w.register_post_accumulate_grad_hook(partial(reduce, b=b, axis=axis, score=scorer(lin.weight)))
             leaves[name] = lin._replace(weight=w)
         blocks[b] = replace(blk, **leaves)
-    logits = pp.run(replace(dec, blocks=blocks), ids, grad=True)  # (N, T, V)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
-    loss.backward()
+    graded = replace(dec, blocks=blocks)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        logits = pp.run(graded, part, grad=True)  # (n, T, V)
+        targets = part[:, 1:].flatten().to(logits.device)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum") / n_targets
+        del logits  # the graph keeps what the backward needs
+        loss.backward()
     return scores
 
 
-def taylor_scores(dec: pp.Decoder, ids: Tensor) -> dict[int, Tensor]:
+def taylor_scorer(w: Tensor) -> WeightScorer:
+    """LLM-Pruner's element-wise first-order Taylor importance |W * G|."""
+    # |W * G| is not linear in G, so over several parts the gradient itself is summed (in place,
+    # in W's dtype): a model's worth of gradients, which one pass (the default) never holds.
+    return WeightScorer(project=lambda g: (g,), finish=lambda s: (w.float() * s[0].float()).abs())
+
+
+def taylor_scores(dec: pp.Decoder, ids: Tensor, batch: int | None = None) -> dict[int, Tensor]:
     """LLM-Pruner (element-wise first-order Taylor): a unit sums |W * dL/dW| over its weights."""
     # Its second-order variant subtracts 1/2 W^2 H_ii with the Hessian's diagonal H_ii taken from
     # per-sample squared gradients (a Fisher estimate): one backward pass per calibration sample.
-    return gradient_scores(dec, ids, lambda w: lambda g: (w.float() * g.float()).abs())
+    return gradient_scores(dec, ids, taylor_scorer, batch=batch)
 
 
 def adapter_grads(g: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -274,24 +318,24 @@ def lora_gradient(grad_b: Tensor, grad_a: Tensor, a: Tensor, b: Tensor) -> Tenso
     return grad_b @ a + b @ grad_a - grad_b @ grad_a
 
 
+def lora_scorer(w: Tensor, generator: torch.Generator, rank: int = 8, scale: float = 2.0) -> WeightScorer:
+    """LoRAPrune's element scores |(W + s B A) * G_hat| through a fresh rank-r adapter on W."""
+    out_f, in_f = w.shape
+    # A fresh adapter as LoRA initializes it: A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's), B = 0.
+    a = ((torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)).to(w.device)
+    b = torch.zeros(out_f, rank, device=w.device)
+    # The adapters' gradients are linear in G and small (r x (in + out)): parts add them up, as
+    # micro-batches accumulate LoRA's gradients, and G_hat is formed from the sums.
+    return WeightScorer(project=lambda g: adapter_grads(g.float(), a, b, scale),
+                        finish=lambda s: ((w.float() + scale * b @ a) * lora_gradient(*s, a, b)).abs())
+
+
 def loraprune_scores(dec: pp.Decoder, ids: Tensor, rank: int = 8, alpha: float = 16.0,
-                     seed: int = 0) -> dict[int, Tensor]:
+                     seed: int = 0, batch: int | None = None) -> dict[int, Tensor]:
     """LoRAPrune, one shot: |(W + s B A) * G_hat| summed per unit, G_hat estimated from rank-8 adapters."""
-    generator = torch.Generator().manual_seed(seed)
-    scale = alpha / rank  # 2, as LoRAPrune's LoRA
-
-    def scorer(w: Tensor) -> ElementScores:
-        out_f, in_f = w.shape
-        # A fresh adapter as LoRA initializes it: A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's), B = 0.
-        a = ((torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)).to(w.device)
-        b = torch.zeros(out_f, rank, device=w.device)
-
-        def element_scores(g: Tensor) -> Tensor:
-            g_hat = lora_gradient(*adapter_grads(g.float(), a, b, scale), a, b)
-            return ((w.float() + scale * b @ a) * g_hat).abs()
-        return element_scores
-
-    return gradient_scores(dec, ids, scorer, normalize=True)
+    scorer = partial(lora_scorer, generator=torch.Generator().manual_seed(seed), rank=rank,
+                     scale=alpha / rank)  # scale 2, as LoRAPrune's LoRA
+    return gradient_scores(dec, ids, scorer, normalize=True, batch=batch)
 
 
 # -----------------------------------------------------------------------------------------
@@ -303,7 +347,7 @@ class Method:
     """A static baseline: where its unit scores come from, and whether it uses FLAP's extra steps."""
 
     score: Callable[[pp.Block, Stats], Tensor] | None = None  # from calibration statistics, or
-    gradient: Callable[[pp.Decoder, Tensor], dict[int, Tensor]] | None = None  # from gradients
+    gradient: Callable[..., dict[int, Tensor]] | None = None  # from gradients: (dec, ids, batch)
     windows: tuple[int, int] = (0, 0)  # (samples, tokens) of the gradient pass's calibration windows
     similarity: bool = False  # statistics also compare attention heads' maps
     adaptive: bool = False  # one global ranking across layers and modules (else uniform per layer)
@@ -321,10 +365,11 @@ METHODS = {
 
 
 def unit_scores(dec: pp.Decoder, method: Method, stats: list[Stats] | None = None,
-                ids: Tensor | None = None) -> dict[int, Tensor]:
-    """Every block's unit scores (higher = keep): from `stats`, or from a gradient pass on `ids`."""
+                ids: Tensor | None = None, grad_batch: int | None = None) -> dict[int, Tensor]:
+    """Every block's unit scores (higher = keep): from `stats`, or from the gradients on `ids`,
+    `grad_batch` windows per backward pass (default: as many as fit in GRAD_TOKENS tokens)."""
     if method.gradient is not None:
-        return method.gradient(dec, ids)
+        return method.gradient(dec, ids, batch=grad_batch or default_grad_batch(ids.shape[1]))
     return {b: method.score(blk, stats[b]) for b, blk in enumerate(dec.blocks)}
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -92,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recovery", action="store_true",
                    help="second-moment: refit each module by least squares before scoring it, as the "
                         "paper's optional pre-pruning recovery (rows 'second-moment+rec'; slower)")
+    p.add_argument("--grad-batch", type=int, default=None, metavar="N",
+                   help="llm-pruner, loraprune: calibration windows per backward pass; the scores are "
+                        "those of one pass over all (default: as many as fit in "
+                        f"{baselines.GRAD_TOKENS} tokens)")
     p.add_argument("--mlp-multiple", type=int, default=None,
                    help="round kept MLP channels up to a multiple, for every method "
                         f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
@@ -126,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("nsamples", "seqlen", "batch_size", "rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("max_batches", "mlp_multiple", "limit"):
+    for name in ("max_batches", "mlp_multiple", "limit", "grad_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     for name in ("data", "calib") if not args.no_ppl else ("calib",):
@@ -564,31 +569,33 @@ def progress(items: list, desc: str):
     return tqdm(items, desc=desc, leave=False, file=sys.stderr)
 
 
-def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of a batch, in fp32 one sample at a time (no fp32 copy of all logits)."""
-    ids = ids.to(logits.device)
-    return sum(F.cross_entropy(lg[:-1].float(), tgt[1:], reduction="sum") for lg, tgt in zip(logits, ids))
+def batch_nll(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch: the LM head and the loss one sample at a time, in fp32,
+    so the batch's logits (B, T, V) never exist at once (SmolLM2, 20 x 1024 tokens: 4 GB)."""
+    x = logits_fn(ids, logits=False)  # (B, T, C) the final residual stream
+    ids = ids.to(x.device)
+    return sum(F.cross_entropy(pp.head(dec, xs)[:-1].float(), tgt[1:], reduction="sum")
+               for xs, tgt in zip(x, ids)).item()  # .item(): the batch is done when it returns
 
 
-def measure(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
+def measure(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder, batches: list[torch.Tensor],
             desc: str) -> tuple[float, float, int]:
-    """Perplexity over all batches, and seconds and tokens of the timed ones (all but the first)."""
+    """Perplexity over all batches, and seconds and tokens of the timed ones (all but the first);
+    the time covers the forward, the LM head and the loss, as the official code's."""
     nll, n_pred, seconds, timed_tokens = 0.0, 0, 0.0, 0
     for i, ids in enumerate(progress(batches, desc)):
         synchronize()
         start = time.perf_counter()
-        logits = logits_fn(ids)
-        synchronize()
+        nll += batch_nll(logits_fn, dec, ids)
         if i > 0 or len(batches) == 1:  # the first batch warms up kernels and caches
             seconds += time.perf_counter() - start
             timed_tokens += ids.numel()
-        nll += nll_sum(logits, ids).item()
         n_pred += ids[:, 1:].numel()
-        del logits  # free the batch's logits before the next batch makes its own
     return math.exp(nll / n_pred), seconds, timed_tokens
 
 
-def profile_stages(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> list[tuple[str, float]]:
+def profile_stages(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder,
+                   ids: torch.Tensor) -> list[tuple[str, float]]:
     """Seconds of each PP stage (pp.STAGES) in one batch, and of the rest of the batch."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -597,14 +604,13 @@ def profile_stages(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch
     with profile(activities=activities) as prof:
         synchronize()
         start = time.perf_counter()
-        logits_fn(ids)
-        synchronize()
+        batch_nll(logits_fn, dec, ids)
         total = time.perf_counter() - start
     # Each stage's inclusive time: on CUDA the kernels run inside its range, on CPU its wall time.
     spent = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e6
              for e in prof.key_averages() if e.key in pp.STAGES}
     stages = [(name, spent.get(name, 0.0)) for name in pp.STAGES]
-    return stages + [("full batch: sliced matmuls, attention, norms, LM head", total - sum(s for _, s in stages)),
+    return stages + [("full batch: sliced matmuls, attention, norms, LM head, loss", total - sum(s for _, s in stages)),
                      ("total", total)]
 
 
@@ -736,16 +742,16 @@ class Runner:
     def logits_fn(self, method: str, ratio: float) -> Callable[..., torch.Tensor]:
         """The method's (ids, attention mask) -> logits function; static methods are pruned here, once."""
         if method == "dense":
-            return lambda ids, mask=None: pp.run(self.dec, ids, mask)
+            return partial(pp.run, self.dec)
         cfg = self.config(method, ratio)
         if method == "second-moment" and self.args.recovery:  # refit and scored anew at each ratio
             pruned = baselines.prune_recovered(self.dec, cfg, self.calib.batches,
                                                progress=lambda blocks: progress(blocks, f"recovery at {ratio}"))
-            return lambda ids, mask=None: pp.run(pruned, ids, mask)
+            return partial(pp.run, pruned)
         if method in baselines.METHODS:
             pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.calib.scores[method],
                                             self.calib.stats)
-            return lambda ids, mask=None: pp.run(pruned, ids, mask)
+            return partial(pp.run, pruned)
         # A fresh copy of the calibration history: every round of PP sees the same batches alike.
         return pp.ProbePruner(self.model, cfg, self.calib.history if cfg.use_history else None)
 
@@ -790,8 +796,10 @@ def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> C
             n, seqlen = method.windows
             seqlen = min(seqlen, args.context)  # a model with a shorter context: its whole context
             ids = calib_windows(tokenizer, docs["calib"], n, seqlen, args.seed).to(args.device)
-            print(f"# {name}: gradients of one pass over {n} calibration windows of {seqlen} tokens", flush=True)
-        calib.scores[name] = baselines.unit_scores(dec, method, calib.stats, ids)
+            per_pass = min(n, args.grad_batch or baselines.default_grad_batch(seqlen))
+            print(f"# {name}: gradients over {n} calibration windows of {seqlen} tokens, "
+                  f"{per_pass} per backward pass", flush=True)
+        calib.scores[name] = baselines.unit_scores(dec, method, calib.stats, ids, args.grad_batch)
     return calib
 
 
@@ -803,7 +811,8 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
     n_windows = sum(len(b) for b in batches)
     print(f"# {args.model or pp.default_model()} on {args.device} ({args.dtype}); "
           f"{n_windows} windows x {args.seqlen} tokens, sequential and non-overlapping, "
-          f"batch {args.batch_size}; time = batches 2..{len(batches)} (first one warms up)"
+          f"batch {args.batch_size}; time = "
+          + (f"batches 2..{len(batches)} (first one warms up)" if len(batches) > 1 else "the only batch (no warm-up)")
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
     dense_flops = pp.dense_flops(runner.dec, args.batch_size * args.seqlen)
@@ -814,7 +823,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             reset_peak_memory()
             fn = runner.logits_fn(method, ratio)
             desc = f"{runner.label(method)} {ratio}" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
-            ppl, seconds, tokens = measure(fn, batches, desc)
+            ppl, seconds, tokens = measure(fn, runner.dec, batches, desc)
             row = rows.setdefault((method, ratio), Row(runner.label(method), ratio, ppl, seconds, tokens / seconds))
             row.round_seconds.append(seconds)
             row.seconds = statistics.median(row.round_seconds)
@@ -824,7 +833,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
                 row.probe_flops_pct = 100 * pp.probe_flops(runner.dec, runner.config(method, ratio),
                                                            args.batch_size, args.seqlen) / dense_flops
             if args.profile and method in PROBING and rnd == 0 and len(batches) > 1:
-                print_stages(method, ratio, profile_stages(fn, batches[1]))
+                print_stages(method, ratio, profile_stages(fn, runner.dec, batches[1]))
             del fn
             if rnd == args.rounds - 1:  # final: compare with dense, print, save
                 finish(row, rows.get(("dense", 0.0)))

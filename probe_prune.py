@@ -192,14 +192,18 @@ def linear(x: Tensor, lin: Linear) -> Tensor:
     return F.linear(x, lin.weight, lin.bias)
 
 
+# Slicing uses index_select rather than W[idx] / W[:, idx]: the same copy, but without advanced
+# indexing's general machinery (on the CPU 3x faster for rows, 2.5x for columns of SmolLM2's MLP).
+
+
 def rows(lin: Linear, idx: Tensor) -> Linear:
     """Keep output features `idx` (rows of W, entries of b)."""
-    return Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx])
+    return Linear(lin.weight.index_select(0, idx), None if lin.bias is None else lin.bias.index_select(0, idx))
 
 
 def cols(lin: Linear, idx: Tensor) -> Linear:
     """Keep input features `idx` (columns of W); the bias is per output, so it stays whole."""
-    return Linear(lin.weight[:, idx], lin.bias)
+    return Linear(lin.weight.index_select(1, idx), lin.bias)
 
 
 class Norm(NamedTuple):
@@ -475,17 +479,20 @@ def add_residual(dec: Decoder, blk: Block, x: Tensor, z: Tensor) -> Tensor:
 
 
 def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
-        prune: PruneFn | None = None, observe: ObserveFn | None = None, grad: bool = False) -> Tensor:
+        prune: PruneFn | None = None, observe: ObserveFn | None = None, grad: bool = False,
+        logits: bool = True) -> Tensor:
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
     `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
-    of its output projection. `grad=True` records autograd (gradient-based baselines only)."""
+    of its output projection. `grad=True` records autograd (gradient-based baselines only).
+    `logits=False` returns the final residual stream (B, T, C) instead, for a caller that applies
+    `head` a piece at a time (a batch's logits can be the largest tensor of the run)."""
     # Inference keeps autograd off: no graph over the whole batch.
     with torch.set_grad_enabled(grad):
-        return forward_blocks(dec, input_ids, attention_mask, prune, observe)
+        return forward_blocks(dec, input_ids, attention_mask, prune, observe, logits)
 
 
 def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None,
-                   prune: PruneFn | None, observe: ObserveFn | None) -> Tensor:
+                   prune: PruneFn | None, observe: ObserveFn | None, logits: bool = True) -> Tensor:
     """The body of `run`, under its autograd setting."""
     if dec.window is not None and input_ids.shape[1] > dec.window:
         raise ValueError(f"{input_ids.shape[1]} tokens per sample exceed the sliding attention window "
@@ -510,7 +517,7 @@ def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | Non
         if observe is not None:
             observe(b, blk, h, z, ctx)
         x = add_residual(dec, blk, x, z)
-    return head(dec, x)
+    return head(dec, x) if logits else x
 
 
 def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -565,9 +572,8 @@ def square_sums(z: Tensor, mask: Tensor, padded: bool = True) -> tuple[Tensor, T
 def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
     """Stage 3a, importance-scaled fusion of probe and historical states (same shape)."""
     # Each entry leans towards whichever of the two is larger: w = P / (P + H + eps),
-    # fused = w * P + (1 - w) * H.
-    w = probe / (probe + history + eps)
-    return w * probe + (1 - w) * history
+    # fused = w * P + (1 - w) * H = H + w * (P - H), which is one lerp.
+    return torch.lerp(history, probe, probe / (probe + history + eps))
 
 
 def pp_scores(c: Tensor, out_norm: Tensor, unit: int) -> Tensor:
@@ -673,8 +679,9 @@ class ProbePruner:
         self.set_history(collect_history(self.dec, batches))
         return self
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe."""
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, logits: bool = True) -> Tensor:
+        """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe
+        (`logits=False`: the final residual stream, as `run`)."""
         if self.cfg.use_history:
             if self.history is None:
                 raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
@@ -682,7 +689,8 @@ class ProbePruner:
             if input_ids.shape[1] > covered:
                 raise ValueError(f"batch has {input_ids.shape[1]} tokens per sample, but calibration "
                                  f"covered only {covered} positions")
-        return run(self.dec, input_ids, attention_mask, prune=self.prune_block, observe=self.update_history)
+        return run(self.dec, input_ids, attention_mask, prune=self.prune_block, observe=self.update_history,
+                   logits=logits)
 
     def prune_block(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,45 @@ def test_fusion_weights_each_entry_by_its_share():
     torch.testing.assert_close(pp.fuse(p, h), torch.tensor([1.0, 2.0, 2.5, 0.0]), atol=1e-5, rtol=0)
 
 
+def papers_fuse(p, h, eps=1e-6):
+    """Fusion exactly as the paper writes it: w = P / (P + H + eps), w * P + (1 - w) * H."""
+    w = p / (p + h + eps)
+    return w * p + (1 - w) * h
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+def test_per_batch_path_keeps_the_literal_formulas_units_and_history(name, monkeypatch):
+    """The faster per-batch path (fusion as one lerp, slices by index_select) keeps exactly the units
+    the paper's literal formulas and plain indexing keep, batch after batch; the history and logits
+    agree within fp32 rounding (the lerp rounds differently from w P + (1 - w) H)."""
+    model = make_model(name)
+    torch.manual_seed(9)
+    batches = [padded_batch(model.config.vocab_size, B=4) for _ in range(3)]
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+
+    def run_all():
+        pruner = RecordingPruner(model, cfg, history=calibrated(model, cfg).history)
+        kept, logits = [], []
+        for ids, mask in batches:
+            logits.append(pruner(ids, mask)[mask.bool()])
+            kept.append({b: blk.kept for b, blk in pruner.ran.items() if b in pruner.n_keep})
+        return kept, pruner.history, logits
+
+    fast = run_all()
+    monkeypatch.setattr(pp, "fuse", papers_fuse)
+    monkeypatch.setattr(pp, "rows", lambda lin, idx: pp.Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx]))
+    monkeypatch.setattr(pp, "cols", lambda lin, idx: pp.Linear(lin.weight[:, idx], lin.bias))
+    literal = run_all()
+    assert len(fast[0][0]) == 6  # 3 pruned layers x 2 blocks, each batch
+    assert all(torch.equal(a[b], c[b]) for a, c in zip(fast[0], literal[0]) for b in a)
+    for b in fast[1]:
+        torch.testing.assert_close(fast[1][b], literal[1][b], rtol=1e-6, atol=1e-9)
+    for a, c in zip(fast[2], literal[2]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    p, h = torch.rand(50, 7), torch.rand(50, 7)
+    torch.testing.assert_close(pp.fuse(p, h), papers_fuse(p, h), rtol=2e-7, atol=0)
+
+
 def test_pp_score_is_norm_of_fused_times_squared_weight():
     W = torch.tensor([[1.0, 2.0, 0.0, 1.0], [2.0, 0.0, 1.0, 1.0]])  # (out=2, in=4)
     c = torch.tensor([1.0, 3.0, 2.0, 1.0])
@@ -315,6 +355,14 @@ def test_real_model_dense_ppl_matches_transformers(smollm2, wiki_windows):
     assert abs(ours - theirs) / theirs < 1e-3
 
 
+def test_batch_nll_takes_the_head_a_sample_at_a_time_and_equals_the_full_logits_loss(smollm2, wiki_windows):
+    model, _ = smollm2
+    dec = pp.read_weights(model)
+    ids = wiki_windows[:3]
+    full = F.cross_entropy(pp.run(dec, ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    assert ev.batch_nll(partial(pp.run, dec), dec, ids) == pytest.approx(full.item(), rel=1e-5)
+
+
 class RandomPruner(pp.ProbePruner):
     """Prunes the same number of heads/channels as PP, chosen at random."""
 
@@ -369,7 +417,7 @@ def test_cli_help():
     code, out, _ = run_cli("--help")
     assert code == 0
     for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
-                   "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune"):
+                   "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune", "--grad-batch"):
         assert option in out
 
 
@@ -395,8 +443,9 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
     assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
     assert "pp" in out and "fullbatch" in out and "64 tokens" in out
     # LoRAPrune's 512-token windows, capped at this model's context of 128
-    assert "llm-pruner: gradients of one pass over 10 calibration windows of 64 tokens" in out
-    assert "loraprune: gradients of one pass over 10 calibration windows of 128 tokens" in out
+    # by default as many windows per backward pass as fit in 640 tokens
+    assert "llm-pruner: gradients over 10 calibration windows of 64 tokens, 10 per backward pass" in out
+    assert "loraprune: gradients over 10 calibration windows of 128 tokens, 5 per backward pass" in out
 
 
 def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
@@ -420,6 +469,7 @@ def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
     (["--model", "no/such/model.gguf"], "no such GGUF file"),
     (["--method", "magic"], "invalid choice: 'magic'"),
     (["--device", "gpu0"], "--device: not a device"),
+    (["--grad-batch", "0"], "--grad-batch must be a positive integer"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(args, message):
     code, out, err = run_cli(*args)
@@ -614,6 +664,35 @@ def test_loraprune_scores_normalize_each_projection():
         n = len(bl.sliced_linears(blk))
         assert 0 < scores[b].norm() <= n + 1e-4 and (scores[b] >= 0).all()
     torch.testing.assert_close(bl.loraprune_scores(dec, ids, seed=0)[3], scores[3])  # seeded adapters
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "opt-pre-ln"])
+@pytest.mark.parametrize("method", ["llm-pruner", "loraprune"])
+def test_micro_batched_gradient_scores_equal_one_pass(name, method):
+    """Windows split over several backward passes (2 + 2 + 1, or 1 each) give the one-pass scores."""
+    dec = pp.read_weights(make_model(name))
+    torch.manual_seed(7)
+    ids = torch.randint(0, dec.embed.shape[0], (5, 12))
+    scores = lambda batch: bl.unit_scores(dec, bl.METHODS[method], ids=ids, grad_batch=batch)
+    one_pass = scores(5)
+    for batch in (2, 1):
+        parts = scores(batch)
+        for b in one_pass:
+            torch.testing.assert_close(parts[b], one_pass[b], rtol=1e-5, atol=1e-8)
+    assert bl.default_grad_batch(64) == 10 and bl.default_grad_batch(512) == 1 and bl.default_grad_batch(4096) == 1
+
+
+def test_parts_sum_the_adapters_small_gradients_and_give_the_scores_of_the_whole():
+    """What LoRAPrune sums over micro-batches is r x (out + in) per weight, not the (out, in) gradient,
+    and scoring the summed projections equals scoring the whole gradient; LLM-Pruner sums G itself."""
+    torch.manual_seed(8)
+    w, g1, g2 = torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 5)
+    lora = bl.lora_scorer(w, torch.Generator().manual_seed(0), rank=2)
+    assert [p.shape for p in lora.project(g1)] == [(6, 2), (2, 5)]
+    for scorer in (lora, bl.taylor_scorer(w)):
+        summed = [x + y for x, y in zip(scorer.project(g1), scorer.project(g2))]
+        torch.testing.assert_close(scorer.finish(summed), scorer.finish(scorer.project(g1 + g2)))
+    torch.testing.assert_close(bl.taylor_scorer(w).finish((g1,)), (w * g1).abs())
 
 
 def test_js_head_divergence_on_hand_made_maps():
