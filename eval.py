@@ -50,6 +50,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # CUDA: 64, as the official code (fp16 tensor-core matmuls want aligned widths). CPU: 8, measured
 # on SmolLM2's MLP (README, "Kept MLP widths"): odd widths such as 853 ran slower than 856 or 896.
 MLP_MULTIPLE = {"cuda": 64, "cpu": 8}
+DEFAULT_PROMPT_LEN = 128  # --generate's prompt tokens
 
 
 class UsageError(Exception):
@@ -89,7 +90,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
     p.add_argument("--task-data", default=None, metavar="DIR",
                    help="zero-shot: read DIR/<task>.jsonl (hub field layout) instead of the hub datasets")
-    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (with --tasks: accuracy only)")
+    p.add_argument("--no-ppl", action="store_true",
+                   help="skip perplexity (with --tasks / --generate: only those)")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="also measure generation: N new tokens after --prompt-len tokens of --data (the "
+                        "continuation's perplexity, teacher-forced through the KV cache; prefill seconds; "
+                        "decode tokens/s at --batch-size and at batch 1); PP prunes on the prompt")
+    p.add_argument("--prompt-len", type=int, default=None, metavar="P",
+                   help=f"--generate: prompt tokens (default {DEFAULT_PROMPT_LEN})")
+    p.add_argument("--show", type=int, default=0, metavar="K",
+                   help="--generate: print the first K prompts' greedy continuations, for every method")
     p.add_argument("--recovery", action="store_true",
                    help="second-moment: refit each module by least squares before scoring it, as the "
                         "paper's optional pre-pruning recovery (rows 'second-moment+rec'; slower)")
@@ -123,6 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tasks = list(TASKS)
     args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
     check_task_args(args)
+    check_generate_args(args)
     if args.recovery and "second-moment" not in args.method:
         raise UsageError("--recovery applies to --method second-moment, which is not among the methods")
     for r in args.ratio:
@@ -161,8 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_task_args(args) -> None:
     """The zero-shot options make sense together, and every task file asked for exists."""
     if not args.tasks:
-        if args.no_ppl:
-            raise UsageError("--no-ppl leaves nothing to evaluate without --tasks")
+        if args.no_ppl and args.generate is None:
+            raise UsageError("--no-ppl leaves nothing to evaluate without --tasks or --generate")
         if args.limit is not None or args.task_data is not None:
             raise UsageError("--limit and --task-data apply to --tasks only")
         return
@@ -174,6 +185,23 @@ def check_task_args(args) -> None:
         path = task_file(args.task_data, name)
         if not os.path.isfile(path):
             raise UsageError(f"--task-data: no such file: {path}")
+
+
+def check_generate_args(args) -> None:
+    """The generation options make sense together (the model's limits are checked with its config)."""
+    if args.generate is None:
+        if args.prompt_len is not None or args.show:
+            raise UsageError("--prompt-len and --show apply to --generate only")
+        return
+    for name in ("generate", "prompt_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.show < 0:
+        raise UsageError("--show must be 0 or more")
+    args.prompt_len = args.prompt_len or DEFAULT_PROMPT_LEN
+    if "pp" in args.method and args.prompt_len > args.seqlen:
+        raise UsageError(f"--prompt-len {args.prompt_len} is longer than PP's historical states, which cover "
+                         f"--seqlen {args.seqlen} positions: use --seqlen {args.prompt_len} or more")
 
 
 def check_output(path: str) -> None:
@@ -195,6 +223,10 @@ def check_model(args) -> transformers.PretrainedConfig:
         # The longest window the model takes (gradient baselines calibrate on fixed lengths).
         limits = (getattr(config, "max_position_embeddings", None), pp.sliding_window(config))
         args.context = min((n for n in limits if n), default=math.inf)
+        if args.generate is not None and args.prompt_len + args.generate > args.context:
+            raise ValueError(f"--prompt-len {args.prompt_len} + --generate {args.generate} tokens are beyond "
+                             f"the model's {'sliding attention window' if limits[1] == args.context else 'context'} "
+                             f"of {args.context} tokens")
         for r in args.ratio if set(args.method) - {"dense"} else []:
             pp.check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
     except (OSError, ValueError) as e:  # no such model, unsupported architecture, bad seqlen/ratio
@@ -527,6 +559,10 @@ class Row:
     tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n"}
     avg_acc: float | None = None  # mean over the tasks of acc_norm where defined, else acc
     tasks_seconds: float | None = None  # wall time of the whole zero-shot evaluation
+    gen_ppl: float | None = None  # --generate: perplexity of the new tokens, structure chosen on the prompt
+    prefill_seconds: float | None = None  # --generate: one prompt batch's prefill (median over --rounds)
+    decode_tokens_per_s: float | None = None  # --generate: new tokens per second at --batch-size
+    decode_tokens_per_s_b1: float | None = None  # ... and at batch 1
 
 
 def synchronize() -> None:
@@ -643,6 +679,18 @@ def memory_estimate(config, batch_size: int, seqlen: int, dtype_bytes: int,
     ]
 
 
+def kv_cache_bytes(config, dtype_bytes: int, cfg: pp.PPConfig) -> tuple[int, int]:
+    """KV cache per token of one sample in bytes: dense, and with PP's slices at cfg.ratio."""
+    L, n_heads = config.num_hidden_layers, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    dense = 2 * L * n_kv * hd * dtype_bytes  # keys and values of every layer
+    if n_kv != n_heads:  # GQA: k/v stay whole in a pruned layer
+        return dense, dense
+    kept = pp.n_kept(n_heads, cfg.layer_ratio(L))  # MHA: a pruned layer caches its kept heads only
+    return dense, 2 * (cfg.dense_layers * n_heads + (L - cfg.dense_layers) * kept) * hd * dtype_bytes
+
+
 def print_memory(items: list[tuple[str, int]]) -> None:
     """The memory estimate as a small table, in GiB."""
     for name, size in items + [("total", sum(s for _, s in items))]:
@@ -739,21 +787,29 @@ class Runner:
         make = pp.PPConfig.full_batch if method == "fullbatch" else pp.PPConfig
         return make(ratio, mlp_multiple=self.args.mlp_multiple)
 
-    def logits_fn(self, method: str, ratio: float) -> Callable[..., torch.Tensor]:
-        """The method's (ids, attention mask) -> logits function; static methods are pruned here, once."""
+    def build(self, method: str, ratio: float) -> pp.Decoder | pp.ProbePruner:
+        """The method's model: a decoder (dense, or pruned here once) or a ProbePruner."""
         if method == "dense":
-            return partial(pp.run, self.dec)
+            return self.dec
         cfg = self.config(method, ratio)
         if method == "second-moment" and self.args.recovery:  # refit and scored anew at each ratio
-            pruned = baselines.prune_recovered(self.dec, cfg, self.calib.batches,
-                                               progress=lambda blocks: progress(blocks, f"recovery at {ratio}"))
-            return partial(pp.run, pruned)
+            return baselines.prune_recovered(self.dec, cfg, self.calib.batches,
+                                             progress=lambda blocks: progress(blocks, f"recovery at {ratio}"))
         if method in baselines.METHODS:
-            pruned = baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.calib.scores[method],
-                                            self.calib.stats)
-            return partial(pp.run, pruned)
+            return baselines.prune_static(self.dec, baselines.METHODS[method], cfg, self.calib.scores[method],
+                                          self.calib.stats)
         # A fresh copy of the calibration history: every round of PP sees the same batches alike.
         return pp.ProbePruner(self.model, cfg, self.calib.history if cfg.use_history else None)
+
+    def logits_fn(self, method: str, ratio: float) -> Callable[..., torch.Tensor]:
+        """The method's (ids, attention mask) -> logits function."""
+        built = self.build(method, ratio)
+        return partial(pp.run, built) if isinstance(built, pp.Decoder) else built
+
+    def prefill_fn(self, method: str, ratio: float) -> pp.PrefillFn:
+        """The method's prompt -> (residual stream, decoder to decode on) function (`pp.prefill`)."""
+        built = self.build(method, ratio)
+        return partial(pp.prefill, built) if isinstance(built, pp.Decoder) else built.prefill
 
     def label(self, method: str) -> str:
         """The method's name in the results."""
@@ -773,6 +829,8 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
         run_perplexity(args, runner, tokenizer, docs["data"], jobs, rows)
     if tasks:
         run_tasks(args, runner, tasks, jobs, rows)
+    if args.generate is not None:
+        run_generation(args, runner, tokenizer, docs["data"], jobs, rows)
     return list(rows.values())
 
 
@@ -891,6 +949,116 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
         write_json(args.json, list(rows.values()))
 
 
+class Generated(NamedTuple):
+    """One method's generation measurements over the batches (sums; the first batch untimed)."""
+
+    nll: float  # summed NLL of the new tokens, teacher-forced through the cache
+    n_tokens: int  # new tokens scored
+    prefill_seconds: float  # per timed batch, summed
+    decode_seconds: float  # at --batch-size
+    decode_tokens: int
+    b1_seconds: float  # at batch 1 (each batch's first prompt)
+    b1_tokens: int
+    n_timed: int  # timed batches
+    continuations: torch.Tensor  # (B, N) greedy new tokens of the first batch (for --show)
+
+
+def continuation_nll(prefill_fn: pp.PrefillFn, prompt: torch.Tensor, new: torch.Tensor) -> float:
+    """Summed NLL of the new tokens (B, N) after the prompt (B, P), fed through the KV cache on the
+    structure the prompt chose (teacher forcing: each position reads the true tokens before it)."""
+    cache = pp.KVCache(prompt.shape[1] + new.shape[1])
+    x, dec = prefill_fn(prompt, None, cache)  # (B, P, C)
+    rest = pp.run(dec, new[:, :-1], cache=cache, logits=False)  # (B, N - 1, C)
+    x = torch.cat((x[:, -1:], rest), dim=1)  # (B, N, C): the states that predict the new tokens
+    new = new.to(x.device)
+    return sum(F.cross_entropy(pp.head(dec, xs).float(), tgt, reduction="sum") for xs, tgt in zip(x, new)).item()
+
+
+def greedy(prefill_fn: pp.PrefillFn, prompt: torch.Tensor, n_new: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy new tokens (B, n_new), with the prefill's and the decode steps' seconds."""
+    synchronize()
+    start = time.perf_counter()
+    logits, dec, cache = pp.start_decoding(prefill_fn, prompt, None, prompt.shape[1] + n_new)
+    tokens = [logits.argmax(-1)]
+    synchronize()
+    prefilled = time.perf_counter()
+    for _ in range(n_new - 1):  # no EOS: every method decodes the same number of steps
+        tokens.append(pp.decode_step(dec, cache, tokens[-1]).argmax(-1))
+    synchronize()
+    return torch.stack(tokens, dim=1), prefilled - start, time.perf_counter() - prefilled
+
+
+def measure_generation(prefill_fn: pp.PrefillFn, batches: list[torch.Tensor], prompt_len: int,
+                       desc: str) -> Generated:
+    """Continuation perplexity and generation speed of one method over the batches (the first
+    batch warms up and is not timed, unless it is the only one)."""
+    sums = dict(nll=0.0, n_tokens=0, prefill_seconds=0.0, decode_seconds=0.0, decode_tokens=0,
+                b1_seconds=0.0, b1_tokens=0, n_timed=0)
+    first = None
+    for i, ids in enumerate(progress(batches, desc)):
+        prompt, new = ids[:, :prompt_len], ids[:, prompt_len:]
+        sums["nll"] += continuation_nll(prefill_fn, prompt, new)
+        sums["n_tokens"] += new.numel()
+        tokens, prefill_s, decode_s = greedy(prefill_fn, prompt, new.shape[1])
+        _, _, b1_s = greedy(prefill_fn, prompt[:1], new.shape[1])
+        first = tokens if first is None else first
+        if i > 0 or len(batches) == 1:
+            sums["prefill_seconds"] += prefill_s
+            sums["decode_seconds"] += decode_s
+            sums["b1_seconds"] += b1_s
+            sums["decode_tokens"] += len(prompt) * (new.shape[1] - 1)  # the first comes with the prefill
+            sums["b1_tokens"] += new.shape[1] - 1
+            sums["n_timed"] += 1
+    return Generated(**sums, continuations=first)
+
+
+GEN_HEADER = (f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {'gen ppl':>9} {'prefill s':>9} {'decode tok/s':>12} "
+              f"{'speedup':>7} {'b1 tok/s':>9} {'speedup':>7}")
+
+
+def format_gen_row(r: Row, dense: Row | None) -> str:
+    """One aligned line of the generation table (speedups against dense's decoding)."""
+    speed = lambda field: "" if dense is None else f"{getattr(r, field) / getattr(dense, field):.2f}x"
+    return (f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {r.gen_ppl:>9.3f} {r.prefill_seconds:>9.3f} "
+            f"{r.decode_tokens_per_s:>12.1f} {speed('decode_tokens_per_s'):>7} {r.decode_tokens_per_s_b1:>9.1f} "
+            f"{speed('decode_tokens_per_s_b1'):>7}")
+
+
+def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[tuple[str, float]],
+                   rows: dict[tuple[str, float], Row]) -> None:
+    """Continuation perplexity and generation speed of every job on the same prompts, one row each."""
+    P, N = args.prompt_len, args.generate
+    batches = list(eval_windows(tokenizer, docs, P + N).split(args.batch_size))[: args.max_batches]
+    print(f"# generation: {sum(len(b) for b in batches)} windows of {P} prompt + {N} new tokens of the data, "
+          f"batch {args.batch_size} (and 1); gen ppl = the new tokens' perplexity, teacher-forced through the "
+          f"KV cache on the structure chosen on the prompt; decode = greedy, {N - 1} steps after the prefill; "
+          + (f"timed over batches 2..{len(batches)}" if len(batches) > 1 else "the only batch timed (no warm-up)")
+          + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
+    print(GEN_HEADER)
+    print("-" * len(GEN_HEADER))
+    measured: dict[tuple[str, float], list[Generated]] = {}
+    for rnd in range(args.rounds):
+        for method, ratio in jobs:
+            desc = f"{runner.label(method)} {ratio} generate" + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else "")
+            g = measure_generation(runner.prefill_fn(method, ratio), batches, P, desc)
+            runs = measured.setdefault((method, ratio), [])
+            runs.append(g)
+            row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
+            row.gen_ppl = math.exp(g.nll / g.n_tokens)
+            row.prefill_seconds = statistics.median(r.prefill_seconds / r.n_timed for r in runs)
+            row.decode_tokens_per_s = g.decode_tokens / statistics.median(r.decode_seconds for r in runs)
+            row.decode_tokens_per_s_b1 = g.b1_tokens / statistics.median(r.b1_seconds for r in runs)
+            if rnd == args.rounds - 1:
+                print(format_gen_row(row, rows.get(("dense", 0.0)) if "dense" in args.method else None), flush=True)
+            write_json(args.json, list(rows.values()))
+    for i in range(min(args.show, len(batches[0]))):
+        prompt = tokenizer.decode(batches[0][i, :P])
+        print(f"\n# prompt {i + 1} (last 300 characters): {prompt[-300:]!r}")
+        for (method, ratio), runs in measured.items():
+            text = tokenizer.decode(runs[0].continuations[i])
+            print(f"#   {runner.label(method)} {ratio}: {text!r}")
+
+
 def finish(row: Row, dense: Row | None) -> None:
     """Speedup and PRR against the dense row of the same run."""
     if dense is None:
@@ -915,9 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# PP's peak memory from the shapes: batch {args.batch_size} x {args.seqlen}, {args.dtype}, "
                   f"ratio {cfg.ratio}, kept MLP channels a multiple of {cfg.mlp_multiple}")
             print_memory(memory_estimate(config, args.batch_size, args.seqlen, dtype_bytes, cfg))
+            dense, pruned = kv_cache_bytes(config, dtype_bytes, cfg)
+            print(f"# generation: KV cache per token of each sample {dense / 2**10:.1f} KiB dense, "
+                  f"{pruned / 2**10:.1f} KiB at ratio {cfg.ratio}"
+                  + (" (GQA: k/v heads are never pruned)" if dense == pruned else " (the kept heads' only)"))
             return 0
         needs_calib = set(args.method) & (set(baselines.METHODS) | {"pp"})
-        wanted = ([] if args.no_ppl else ["data"]) + (["calib"] if needs_calib else [])
+        wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
         torch.manual_seed(args.seed)

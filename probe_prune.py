@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -235,7 +236,7 @@ class Context(NamedTuple):
     mask: Tensor  # (B, T) bool, True at real tokens
     pos: Tensor  # (B, T) position of each token
     rope: tuple[Tensor, Tensor] | None  # cos, sin: (B, T, hd) each; None without RoPE (OPT)
-    attn_mask: Tensor | None  # (B, 1, T, T) bool, True = may attend; None = plain causal
+    attn_mask: Tensor | None  # (B, 1, T, T_past + T) bool, True = may attend; None = plain causal
 
     def to(self, device: torch.device) -> Context:
         """The same context on `device` (itself when it is there already)."""
@@ -278,18 +279,22 @@ class Attention:
         v = linear(h, self.wv).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if ctx.rope is not None:
             q, k = rotate(q, *ctx.rope), rotate(k, *ctx.rope)
+        return q, k, v
+
+    def inner(self, h: Tensor, ctx: Context, cache: LayerCache | None = None) -> Tensor:
+        """Attention output before wo: (B, T, C) -> (B, T, n_heads * hd). With a cache, the tokens
+        also attend to the cached earlier ones, and their own keys and values join the cache."""
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h, ctx)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nkv, T_past + T, hd)
         if self.kv_map is not None:
             # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
             # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
-            k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T, hd)
-        return q, k, v
-
-    def inner(self, h: Tensor, ctx: Context) -> Tensor:
-        """Attention output before wo: (B, T, C) -> (B, T, n_heads * hd)."""
-        B, T, _ = h.shape
-        q, k, v = self.qkv(h, ctx)
+            k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T_past + T, hd)
         # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
+        # Without a mask there is no past (or a single new token, which sees every key).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None and T > 1,
                                            enable_gqa=k.shape[1] != q.shape[1])  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
 
@@ -328,8 +333,9 @@ class MLP:
         """The output projection (its columns are the pruned channels)."""
         return self.w2
 
-    def inner(self, h: Tensor, ctx: Context | None = None) -> Tensor:
-        """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I)."""
+    def inner(self, h: Tensor, ctx: Context | None = None, cache: LayerCache | None = None) -> Tensor:
+        """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I). Token by token, so
+        it neither needs nor keeps a cache."""
         z = self.act(linear(h, self.w1))
         return z if self.w3 is None else z * linear(h, self.w3)
 
@@ -424,24 +430,31 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def attention_mask(mask: Tensor) -> Tensor:
-    """Causal mask over real tokens (B, 1, T, T) for a padded batch with real-token `mask` (B, T)."""
+def attention_mask(mask: Tensor, n_queries: int | None = None) -> Tensor:
+    """Causal mask over real tokens (B, 1, Tq, T) for the last Tq (default: all) of T tokens with
+    real-token `mask` (B, T)."""
     T = mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    key = torch.arange(T, device=mask.device)
+    query = key[T - (n_queries or T):, None]  # (Tq, 1) the queries' indices among the T
     # A query sees earlier real tokens, and always itself, so that no row (a padding
     # query's) is all masked, which would give NaN.
-    return (causal & mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
+    return ((key <= query) & mask[:, None, None, :]) | (key == query)
 
 
-def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool) -> Context:
-    """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T)."""
+def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool, past: Tensor | None = None) -> Context:
+    """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T), which
+    follow the `past` tokens (B, T_past) of a KV cache, if any."""
     rope = None
     if dec.rope is not None:
         inv_freq, scale = dec.rope
         freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         rope = ((angles.cos() * scale).to(dec.embed.dtype), (angles.sin() * scale).to(dec.embed.dtype))
-    return Context(mask, pos, rope, attention_mask(mask) if padded else None)
+    full = mask if past is None else torch.cat((past, mask), dim=1)  # (B, T_past + T)
+    # SDPA's is_causal puts the first query on the first key, so new tokens after cached ones need
+    # a mask (one new token needs none: it sees every key).
+    masked = padded or (full.shape[1] > mask.shape[1] and mask.shape[1] > 1)
+    return Context(mask, pos, rope, attention_mask(full, mask.shape[1]) if masked else None)
 
 
 def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
@@ -463,6 +476,48 @@ def head(dec: Decoder, x: Tensor) -> Tensor:
     return linear(x.to(dec.lm_head.weight.device), dec.lm_head)
 
 
+class LayerCache:
+    """One attention block's keys and values so far, in buffers (B, nkv, max_len, hd) allocated once."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.n = max_len, 0
+        self.k = self.v = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys and values (B, nkv, T, hd) after the earlier ones; views of all so far."""
+        B, nkv, T, hd = k.shape
+        if self.n + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.n + T} asked for")
+        if self.k is None:  # nkv is the block's: a pruned MHA block caches only its kept heads
+            self.k, self.v = k.new_empty(B, nkv, self.max_len, hd), v.new_empty(B, nkv, self.max_len, hd)
+        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
+        self.n += T
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+
+class KVCache:
+    """What later tokens need of earlier ones: each attention block's keys and values, and the
+    real-token mask of the tokens so far."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len  # tokens it can hold: prompt + new ones
+        self.mask: Tensor | None = None  # (B, T_past) True at real tokens
+        self.padded = False  # any padding so far: every later step needs an attention mask
+        self.layers: dict[int, LayerCache] = {}
+
+    def layer(self, b: int) -> LayerCache:
+        """Block b's keys and values (an MLP block's stays empty)."""
+        return self.layers.setdefault(b, LayerCache(self.max_len))
+
+    def context(self, dec: Decoder, mask: Tensor, padded: bool) -> Context:
+        """The context of new tokens with real-token `mask` (B, T) after the cached ones, whose
+        mask then grows by theirs."""
+        past = self.mask
+        full = mask if past is None else torch.cat((past, mask), dim=1)  # (B, T_past + T)
+        self.mask, self.padded = full, self.padded or padded
+        return make_context(dec, mask, positions(full)[:, -mask.shape[1]:], self.padded, past)
+
+
 PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
 ObserveFn = Callable[[int, Block, Tensor, Tensor, Context], None]
 
@@ -480,22 +535,24 @@ def add_residual(dec: Decoder, blk: Block, x: Tensor, z: Tensor) -> Tensor:
 
 def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
         prune: PruneFn | None = None, observe: ObserveFn | None = None, grad: bool = False,
-        logits: bool = True) -> Tensor:
+        logits: bool = True, cache: KVCache | None = None) -> Tensor:
     """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
     `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
     of its output projection. `grad=True` records autograd (gradient-based baselines only).
     `logits=False` returns the final residual stream (B, T, C) instead, for a caller that applies
-    `head` a piece at a time (a batch's logits can be the largest tensor of the run)."""
+    `head` a piece at a time (a batch's logits can be the largest tensor of the run). With a
+    `cache`, the tokens follow those already in it, and join it."""
     # Inference keeps autograd off: no graph over the whole batch.
     with torch.set_grad_enabled(grad):
-        return forward_blocks(dec, input_ids, attention_mask, prune, observe, logits)
+        return forward_blocks(dec, input_ids, attention_mask, prune, observe, logits, cache)
 
 
-def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None,
-                   prune: PruneFn | None, observe: ObserveFn | None, logits: bool = True) -> Tensor:
+def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, prune: PruneFn | None,
+                   observe: ObserveFn | None, logits: bool = True, cache: KVCache | None = None) -> Tensor:
     """The body of `run`, under its autograd setting."""
-    if dec.window is not None and input_ids.shape[1] > dec.window:
-        raise ValueError(f"{input_ids.shape[1]} tokens per sample exceed the sliding attention window "
+    n_tokens = input_ids.shape[1] + (0 if cache is None or cache.mask is None else cache.mask.shape[1])
+    if dec.window is not None and n_tokens > dec.window:
+        raise ValueError(f"{n_tokens} tokens per sample exceed the sliding attention window "
                          f"of {dec.window} (sliding-window attention is not implemented)")
     input_ids = input_ids.to(dec.embed.device)
     if attention_mask is None:
@@ -503,7 +560,7 @@ def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | Non
     else:
         mask = attention_mask.to(dec.embed.device).bool()
         padded = not bool(mask.all())  # the one host sync per batch, and only when a mask is given
-    ctx = make_context(dec, mask, positions(mask), padded)
+    ctx = make_context(dec, mask, positions(mask), padded) if cache is None else cache.context(dec, mask, padded)
     x = embed(dec, input_ids, ctx)  # (B, T, C) the residual stream
     for b, blk in enumerate(dec.blocks):
         # A model split across GPUs (--device-map auto): the residual stream and the batch's
@@ -513,7 +570,7 @@ def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | Non
         h = block_input(dec, blk, x)  # (B, T, C)
         if prune is not None:
             blk = prune(b, blk, x, h, ctx)
-        z = blk.inner(h, ctx)  # (B, T, Cz)
+        z = blk.inner(h, ctx, None if cache is None else cache.layer(b))  # (B, T, Cz)
         if observe is not None:
             observe(b, blk, h, z, ctx)
         x = add_residual(dec, blk, x, z)
@@ -663,6 +720,7 @@ class ProbePruner:
     def __init__(self, model, cfg: PPConfig = PPConfig(), history: list[Tensor] | None = None):
         self.cfg = cfg
         self.dec = read_weights(model)
+        self.eos_token_id, self.pad_token_id = stop_tokens(model)
         self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
         self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in self.n_keep}
         self.history: dict[int, Tensor] | None = None  # block -> (T, Cz) fp32, on the block's device
@@ -682,15 +740,32 @@ class ProbePruner:
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, logits: bool = True) -> Tensor:
         """Logits (B, T, V) of one batch, each pruned layer sliced for this batch by its probe
         (`logits=False`: the final residual stream, as `run`)."""
-        if self.cfg.use_history:
-            if self.history is None:
-                raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
-            covered = min(h.shape[0] for h in self.history.values())
-            if input_ids.shape[1] > covered:
-                raise ValueError(f"batch has {input_ids.shape[1]} tokens per sample, but calibration "
-                                 f"covered only {covered} positions")
+        self.check_history(input_ids.shape[1])
         return run(self.dec, input_ids, attention_mask, prune=self.prune_block, observe=self.update_history,
                    logits=logits)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Decoder]:
+        """A prompt batch pruned as any batch (`prefill`): every later token runs on its slices."""
+        self.check_history(input_ids.shape[1])
+        return prefill(self.dec, input_ids, attention_mask, cache, prune=self.prune_block,
+                       observe=self.update_history)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
+                 **sampling) -> Tensor:
+        """Token ids (B, T + new) as `generate`, on the heads and channels PP keeps for the prompt."""
+        sampling = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, **sampling}
+        return decode(self.prefill, input_ids, attention_mask, max_new_tokens, **sampling)
+
+    def check_history(self, n_tokens: int) -> None:
+        """Refuse a batch before calibration, or one longer than the historical states cover."""
+        if not self.cfg.use_history:
+            return
+        if self.history is None:
+            raise RuntimeError("ProbePruner: call calibrate(batches) before pruning")
+        covered = min(h.shape[0] for h in self.history.values())
+        if n_tokens > covered:
+            raise ValueError(f"batch has {n_tokens} tokens per sample, but calibration "
+                             f"covered only {covered} positions")
 
     def prune_block(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
@@ -719,6 +794,107 @@ class ProbePruner:
             with record_function(STAGES[4]):
                 ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum,
                            padded=ctx.attn_mask is not None)
+
+
+# -----------------------------------------------------------------------------------------
+# Generation: the prompt chooses the structure, and every new token runs on it
+
+
+def prefill(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
+            prune: PruneFn | None = None, observe: ObserveFn | None = None) -> tuple[Tensor, Decoder]:
+    """Run a prompt batch into `cache`: its final residual stream (B, T, C), and the decoder of the
+    blocks it ran. With `prune`, those are the slices chosen for this prompt: kept for every new
+    token, as the cache holds only their keys and values (no probing or slicing per token)."""
+    blocks = list(dec.blocks)
+
+    def choose(b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
+        blocks[b] = prune(b, blk, x, h, ctx)
+        return blocks[b]
+
+    x = run(dec, input_ids, attention_mask, prune=choose if prune else None, observe=observe,
+            logits=False, cache=cache)
+    return x, replace(dec, blocks=blocks)
+
+
+PrefillFn = Callable[[Tensor, Tensor | None, KVCache], tuple[Tensor, Decoder]]
+
+
+def stop_tokens(model) -> tuple[int | list[int] | None, int | None]:
+    """(eos_token_id, pad_token_id) of a transformers model's generation config, as its generate uses them."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    pad = getattr(gen, "pad_token_id", None)
+    return eos, pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+
+
+def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """The next token of each sample (B,) from its logits (B, V): the argmax at temperature 0, else
+    a sample from softmax(logits / temperature) restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
+    if top_p < 1:
+        p, order = probs.sort(-1, descending=True)
+        # The nucleus: the most likely tokens until their mass reaches top_p (the first always stays).
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def start_decoding(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None,
+                   max_len: int) -> tuple[Tensor, Decoder, KVCache]:
+    """The prompt into a fresh KV cache of max_len tokens: the next-token logits (B, V), the
+    decoder to decode on and the cache."""
+    cache = KVCache(max_len)
+    x, dec = prefill_fn(input_ids, attention_mask, cache)  # (B, T, C)
+    return head(dec, x[:, -1]), dec, cache  # only the last position predicts
+
+
+def decode_step(dec: Decoder, cache: KVCache, token: Tensor) -> Tensor:
+    """Next-token logits (B, V) after one more token per sample (B,) through the cache."""
+    x = run(dec, token[:, None], cache=cache, logits=False)  # (B, 1, C)
+    return head(dec, x[:, -1])
+
+
+def decode(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None = None,
+           max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
+    """Token ids (B, T + new): the prompt through `prefill_fn`, then one token at a time through
+    the KV cache on the decoder it returned; a sample that emits an EOS token is padded after it,
+    and decoding stops once every sample has."""
+    B, T = input_ids.shape
+    logits, dec, cache = start_decoding(prefill_fn, input_ids, attention_mask, T + max_new_tokens)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(logits.device).manual_seed(seed)
+    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).flatten()
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    tokens = [input_ids.to(logits.device)]
+    for step in range(max_new_tokens):
+        token = next_token(logits, temperature, top_p, generator)  # (B,)
+        if len(eos):
+            token = token.masked_fill(done, pad_token_id if pad_token_id is not None else 0)
+            done |= torch.isin(token, eos)
+        tokens.append(token[:, None])
+        # One host sync per token, only to stop early (as transformers' generate does).
+        if step == max_new_tokens - 1 or (len(eos) and bool(done.all())):
+            break
+        logits = decode_step(dec, cache, token)
+    return torch.cat(tokens, dim=1)
+
+
+def generate(model_or_dec, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
+             **sampling) -> Tensor:
+    """Token ids (B, T + new) of the dense model (or of a pruned `Decoder`): greedy by default;
+    `temperature`, `top_p` and `seed` sample; `eos_token_id` (a model's own by default) ends a
+    sample, which is then padded with `pad_token_id`. Left-pad prompts of different lengths."""
+    if isinstance(model_or_dec, Decoder):
+        dec = model_or_dec
+    else:
+        dec = read_weights(model_or_dec)
+        eos, pad = stop_tokens(model_or_dec)
+        sampling = {"eos_token_id": eos, "pad_token_id": pad, **sampling}
+    return decode(partial(prefill, dec), input_ids, attention_mask, max_new_tokens, **sampling)
 
 
 # -----------------------------------------------------------------------------------------

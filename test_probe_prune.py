@@ -1266,3 +1266,162 @@ def test_cli_bad_task_input_is_one_line_and_status_2(config_only_dir, bad_task_d
     code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
     # config_only_dir has no weights: an input accepted runs until the model fails to load.
     assert_one_line_error(code, err, message or "cannot load model")
+
+
+# -----------------------------------------------------------------------------------------
+# Generation: KV cache, decoding, PP's structure chosen on the prompt
+
+
+def left_padded_prompts(vocab, B=3, T=10):
+    """Prompts of different lengths, left-padded with token 0: (ids, mask)."""
+    torch.manual_seed(1)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    return torch.randint(3, vocab, (B, T)).masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "qwen2", "opt-pre-ln", "opt-post-ln-proj"])
+def test_dense_generate_equals_transformers_generate(name):
+    model = make_model(name)
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    hf = lambda **kw: model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, **kw)
+    ours = lambda **kw: pp.generate(model, ids, mask, max_new_tokens=32, **kw)
+    with torch.no_grad():
+        ref = hf(eos_token_id=None, pad_token_id=0)
+    assert ref.shape == (3, 42) and torch.equal(ours(eos_token_id=None, pad_token_id=0), ref)
+    # An EOS that sample 1 emits at its 9th new token: it stops there and is padded after it.
+    eos = ref[1, 18].item()
+    with torch.no_grad():
+        ref = hf(eos_token_id=eos, pad_token_id=1)
+    out = ours(eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(out, ref) and (out[1, 19:] == 1).all()
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+    model = make_model("llama-gqa")
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    sample = lambda seed, **kw: pp.generate(model, ids, mask, max_new_tokens=12, temperature=1.0, seed=seed,
+                                            eos_token_id=None, **kw)
+    assert torch.equal(sample(3), sample(3)) and not torch.equal(sample(3), sample(4))
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])  # probabilities ~0.03, 0.50, 0.46, 0.00
+    tokens = {pp.next_token(logits, 1.0, 0.6, torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert tokens == {1, 2}  # the two most likely reach 0.6; token 0 and 3 are outside the nucleus
+
+
+def prefill_and_feed(dec, ids, mask, n_prompt, chunk):
+    """Logits of ids[:, n_prompt:] fed through the cache after the prompt, `chunk` tokens at a time."""
+    cache = pp.KVCache(ids.shape[1])
+    x, dec = pp.prefill(dec, ids[:, :n_prompt], mask[:, :n_prompt], cache)
+    outs = [pp.head(dec, x)]
+    for t in range(n_prompt, ids.shape[1], chunk):
+        outs.append(pp.run(dec, ids[:, t:t + chunk], cache=cache))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cached_logits_equal_an_uncached_forward(name, chunk):
+    """Dense and a statically pruned decoder (sliced k/v cached): one token or a chunk at a time."""
+    model = make_model(name)
+    dec = pp.read_weights(model)
+    torch.manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    stats, batches = baseline_stats(model)
+    pruned = static_pruned(dec, "wanda-sp", pp.PPConfig(0.4, dense_layers=1), stats, batches)
+    real = mask.bool()
+    for d in (dec, pruned):
+        full = pp.run(d, ids, mask)
+        cached = prefill_and_feed(d, ids, mask, 10, chunk)
+        assert (cached[real] - full[real]).abs().max() <= 1e-4
+
+
+def test_pp_at_ratio_zero_generates_the_dense_tokens():
+    model = make_model("llama-gqa")
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1))
+    dense = pp.generate(model, ids, mask, max_new_tokens=32)
+    assert torch.equal(pruner.generate(ids, mask, max_new_tokens=32), dense)
+
+
+class CountingPruner(RecordingPruner):
+    """Counts prune_block calls."""
+
+    def prune_block(self, b, blk, x, h, ctx):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().prune_block(b, blk, x, h, ctx)
+
+
+def test_pp_decodes_on_the_prompts_slices_and_caches_only_kept_heads():
+    model = make_model("llama-mha")  # 4 heads of 16 channels, no GQA: k/v are pruned with q
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+    pruner = CountingPruner(model, cfg, history=calibrated(model, cfg).history)
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    out = pruner.generate(ids, mask, max_new_tokens=12)
+    assert out.shape == (3, 22) and pruner.calls == len(pruner.dec.blocks)  # the prompt only, once per block
+    # Step by step: the decoder the prompt returns is the one whose slices the prompt ran.
+    cache = pp.KVCache(22)
+    x, dec = pruner.prefill(ids, mask, cache)
+    for b in pruner.n_keep:
+        assert dec.blocks[b] is pruner.ran[b] and dec.blocks[b].kept is not None
+        if isinstance(dec.blocks[b], pp.Attention):
+            kept_heads = pruner.n_keep[b]  # 2 of 4
+            assert dec.blocks[b].wq.weight.shape[0] == dec.blocks[b].wk.weight.shape[0] == kept_heads * 16
+            assert cache.layers[b].k.shape == cache.layers[b].v.shape == (3, kept_heads, 22, 16)
+    assert cache.layers[0].k.shape == (3, 4, 22, 16)  # the dense layer caches all heads
+    # Decoding on those slices equals an uncached forward of the whole sequence on them.
+    full = torch.cat((ids, out[:, 10:]), dim=1)[:, :14]
+    steps = [pp.head(dec, x[:, -1])]
+    for t in range(10, 13):
+        steps.append(pp.decode_step(dec, cache, full[:, t]))
+    full_mask = torch.cat((mask, torch.ones(3, 4, dtype=torch.long)), dim=1)
+    expected = pp.run(dec, full, full_mask)[:, 9:13]
+    torch.testing.assert_close(torch.stack(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_estimate_matches_the_caches_a_pruned_model_allocates():
+    model = make_model("llama-mha")
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+    pruner = pp.ProbePruner(model, cfg, history=calibrated(model, cfg).history)
+    cache = pp.KVCache(7)
+    pruner.prefill(torch.randint(0, 97, (1, 7)), None, cache)
+    held = sum(t.numel() * t.element_size() for c in cache.layers.values() if c.k is not None for t in (c.k, c.v))
+    dense, pruned = ev.kv_cache_bytes(model.config, 4, cfg)
+    assert held == 7 * pruned and pruned < dense == 2 * 4 * 4 * 16 * 4  # 4 layers x 4 heads x 16 x fp32
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--generate", "0"], "--generate must be a positive integer"),
+    (["--prompt-len", "16"], "--prompt-len and --show apply to --generate only"),
+    (["--generate", "8", "--prompt-len", "2044", "--method", "dense"], "tokens are beyond the model's context of 2048"),
+    (["--generate", "8", "--prompt-len", "600", "--seqlen", "512"], "use --seqlen 600 or more"),
+])
+def test_cli_bad_generation_input_before_the_weights_load(config_only_dir, args, message):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_path):
+    results = tmp_path / "gen.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp", "wanda-sp",
+                             "--seqlen", "64", "--batch-size", "4", "--max-batches", "2", "--nsamples", "4",
+                             "--generate", "12", "--prompt-len", "32", "--show", "1", "--no-ppl",
+                             "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [r["method"] for r in rows] == ["dense", "pp", "wanda-sp"]
+    for r in rows:
+        assert r["ppl"] is None and math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
+        assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b1"] > 0
+    assert "# prompt 1" in out and "#   pp 0.4:" in out and "32 prompt + 12 new tokens" in out
+
+
+def test_cli_estimate_memory_adds_the_kv_cache(config_only_dir):
+    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--seqlen", "16",
+                             "--data", str(WIKI_TEST))
+    assert code == 0, err
+    # 30 layers x 2 k/v heads x 16 channels x (k, v) x 4 bytes = 7.5 KiB; GQA keeps k/v whole
+    assert "KV cache per token of each sample 7.5 KiB dense, 7.5 KiB at ratio 0.4" in out
