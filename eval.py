@@ -753,7 +753,7 @@ def print_stages(method: str, ratio: float, stages: list[tuple[str, float]]) -> 
     total = stages[-1][1]
     print(f"# where a {method} batch's time goes (ratio {ratio}, one profiled batch)")
     for name, seconds in stages:
-        print(f"#   {name:<55} {seconds:>8.3f} s {100 * seconds / total:>6.1f}%")
+        print(f"#   {name:<60} {seconds:>8.3f} s {100 * seconds / total:>6.1f}%")
 
 
 # -----------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ class Attention:
     wo: Linear  # (C, n_heads * hd)
     head_dim: int
     group: int = 1  # query heads per k/v head (GQA); 1 = one k/v head per query head
-    kv_map: Tensor | None = None  # (kept heads,) the k/v head each kept query head reads; None = h // group
+    heads: Tensor | None = None  # (kept heads,) pruned GQA: the kept query heads' indices in the dense block
     kept: Tensor | None = None  # channels of the dense block this one keeps; None = all
 
     @property
@@ -288,15 +288,27 @@ class Attention:
         q, k, v = self.qkv(h, ctx)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, T_past + T, hd)
-        if self.kv_map is not None:
-            # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
-            # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
-            k, v = k[:, self.kv_map], v[:, self.kv_map]  # (B, nh, T_past + T, hd)
+        y = self.attend(q, k, v, ctx)  # (B, nh, T, hd)
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """softmax(q k^T / sqrt(hd)) v per query head, causal over real tokens: (B, nh, T, hd)."""
         # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
         # Without a mask there is no past (or a single new token, which sees every key).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None and T > 1,
-                                           enable_gqa=k.shape[1] != q.shape[1])  # (B, nh, T, hd)
-        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        sdpa = partial(F.scaled_dot_product_attention, attn_mask=ctx.attn_mask,
+                       is_causal=ctx.attn_mask is None and q.shape[2] > 1)
+        if self.heads is None:
+            return sdpa(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        if q.shape[2] > 1:
+            # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
+            # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
+            kv_map = self.heads // self.group
+            return sdpa(q, k[:, kv_map], v[:, kv_map])
+        # One new token (decoding): that gather would copy the whole KV cache at every step, so
+        # the kept query heads take their places among all heads instead (the others are zeros,
+        # whose outputs are dropped) and SDPA's grouping reads the cache where it is.
+        q_all = q.new_zeros(q.shape[0], k.shape[1] * self.group, 1, q.shape[3]).index_copy_(1, self.heads, q)
+        return sdpa(q_all, k, v, enable_gqa=True).index_select(1, self.heads)
 
     def keep(self, heads: Tensor) -> Attention:
         """The block restricted to `heads` (sorted): q rows and wo columns sliced."""
@@ -306,8 +318,8 @@ class Attention:
                            wo=cols(self.wo, ch), kept=ch)
         # GQA: a k/v head serves a whole group of query heads and is small, so k/v stay whole;
         # each kept query head just keeps reading its own k/v head.
-        kv_map = heads // self.group if self.kv_map is None else self.kv_map[heads]
-        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), kv_map=kv_map, kept=ch)
+        heads = heads if self.heads is None else self.heads[heads]  # indices in the dense block
+        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), heads=heads, kept=ch)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
