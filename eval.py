@@ -1030,7 +1030,8 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
     P, N = args.prompt_len, args.generate
     batches = list(eval_windows(tokenizer, docs, P + N).split(args.batch_size))[: args.max_batches]
     print(f"# generation: {sum(len(b) for b in batches)} windows of {P} prompt + {N} new tokens of the data, "
-          f"batch {args.batch_size} (and 1); gen ppl = the new tokens' perplexity, teacher-forced through the "
+          f"batch {args.batch_size}" + (" (and 1)" if args.batch_size > 1 else "")
+          + "; gen ppl = the new tokens' perplexity, teacher-forced through the "
           f"KV cache on the structure chosen on the prompt; decode = greedy, {N - 1} steps after the prefill; "
           + (f"timed over batches 2..{len(batches)}" if len(batches) > 1 else "the only batch timed (no warm-up)")
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
