@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -107,6 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="llm-pruner, loraprune: calibration windows per backward pass; the scores are "
                         "those of one pass over all (default: as many as fit in "
                         f"{baselines.GRAD_TOKENS} tokens)")
+    p.add_argument("--pp-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="add a PP row with these PPConfig fields set, e.g. history=only or "
+                        "probe_samples=0.25,probe_tokens=1.0 (repeatable); fields: " + ", ".join(VARIANT_FIELDS)
+                        + f"; probe_select: {'/'.join(pp.PROBE_SELECTIONS)}, history: {'/'.join(pp.HISTORIES)}, "
+                        f"score: {'/'.join(pp.SCORES)}")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw perplexity against speedup over dense for every row (needs matplotlib)")
     p.add_argument("--mlp-multiple", type=int, default=None,
                    help="round kept MLP channels up to a multiple, for every method "
                         f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
@@ -132,6 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "all" in args.tasks:
         args.tasks = list(TASKS)
     args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
+    args.variants = dict(parse_variant(text, args) for text in args.pp_variant)  # label -> PPConfig fields
     check_task_args(args)
     check_generate_args(args)
     if args.recovery and "second-moment" not in args.method:
@@ -159,13 +168,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
-    if args.json is not None:
-        check_output(args.json)
+    for option in ("json", "plot"):
+        if getattr(args, option) is not None:
+            check_output(getattr(args, option), f"--{option}")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     cuda = args.device.startswith("cuda")
     if args.dtype == "auto":
         args.dtype = "float16" if cuda else "float32"
     if args.mlp_multiple is None:
         args.mlp_multiple = MLP_MULTIPLE["cuda" if cuda else "cpu"]
+    labels = list(METHODS) + list(args.variants)
+    args.width = max(len(label) for label in labels) + len(RECOVERY_SUFFIX)  # the tables' method column
     return args
 
 
@@ -187,6 +201,11 @@ def check_task_args(args) -> None:
             raise UsageError(f"--task-data: no such file: {path}")
 
 
+def uses_history(args) -> bool:
+    """Whether a PP row of the run keeps historical states (calibrated on --calib, --seqlen long)."""
+    return "pp" in args.method or any(pp.PPConfig(**fields).use_history for fields in args.variants.values())
+
+
 def check_generate_args(args) -> None:
     """The generation options make sense together (the model's limits are checked with its config)."""
     if args.generate is None:
@@ -199,20 +218,47 @@ def check_generate_args(args) -> None:
     if args.show < 0:
         raise UsageError("--show must be 0 or more")
     args.prompt_len = args.prompt_len or DEFAULT_PROMPT_LEN
-    if "pp" in args.method and args.prompt_len > args.seqlen:
+    if uses_history(args) and args.prompt_len > args.seqlen:
         raise UsageError(f"--prompt-len {args.prompt_len} is longer than PP's historical states, which cover "
                          f"--seqlen {args.seqlen} positions: use --seqlen {args.prompt_len} or more")
 
 
-def check_output(path: str) -> None:
+# PPConfig fields a --pp-variant may set (ratio and mlp_multiple are the run's, for every method).
+VARIANT_FIELDS = ("probe_select", "history", "score", "probe_samples", "probe_tokens", "momentum",
+                  "dense_layers", "seed")
+
+
+def parse_variant(text: str, args) -> tuple[str, dict]:
+    """A --pp-variant 'key=value,...' as (its row label, its PPConfig fields), checked."""
+    fields = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in VARIANT_FIELDS:
+            raise UsageError(f"--pp-variant {text!r}: {item!r} is not KEY=VALUE with KEY one of "
+                             + ", ".join(VARIANT_FIELDS))
+        kind = type(getattr(pp.PPConfig(), key))  # str, float or int, as the field's default
+        try:
+            fields[key] = kind(value.strip())
+        except ValueError:
+            raise UsageError(f"--pp-variant {text!r}: {key} takes a {kind.__name__}, not {value!r}") from None
+    try:
+        for ratio in args.ratio:
+            pp.PPConfig(ratio, **fields)
+    except ValueError as e:
+        raise UsageError(f"--pp-variant {text!r}: {e}") from None
+    return "pp[" + ",".join(f"{key}={value}" for key, value in fields.items()) + "]", fields
+
+
+def check_output(path: str, option: str = "--json") -> None:
     """Refuse an output file that could not be written, before any work is done."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise UsageError(f"--json: {path} is a folder, not a file")
+        raise UsageError(f"{option}: {path} is a folder, not a file")
     if not os.path.isdir(folder):
-        raise UsageError(f"--json: no such folder: {folder}")
+        raise UsageError(f"{option}: no such folder: {folder}")
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"--json: cannot write to {folder}")
+        raise UsageError(f"{option}: cannot write to {folder}")
 
 
 def check_model(args) -> transformers.PretrainedConfig:
@@ -702,18 +748,19 @@ def print_memory(items: list[tuple[str, int]]) -> None:
 
 
 RECOVERY_SUFFIX = "+rec"  # second-moment with --recovery
-METHOD_WIDTH = len("second-moment" + RECOVERY_SUFFIX)
-HEADER = (f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
-          f"{'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
+def header(width: int) -> str:
+    """Header of the perplexity table, its method column `width` wide."""
+    return (f"{'method':<{width}} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
+            f"{'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
 
 
-def format_row(r: Row) -> str:
+def format_row(r: Row, width: int) -> str:
     """One aligned table line."""
     speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
     prr = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
     probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
     peak = "" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
-    return (f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
+    return (f"{r.method:<{width}} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
             f"{speedup:>7} {prr:>8} {probe:>11} {peak:>8}")
 
 
@@ -722,20 +769,20 @@ def task_width(name: str) -> int:
     return max(len(name) + 1, 9)
 
 
-def task_header(names: list[str]) -> str:
+def task_header(names: list[str], width: int) -> str:
     """Header of the zero-shot table: a column per task (* = acc_norm, else acc), average, seconds."""
     cells = " ".join(f"{name + '*' * TASKS[name].acc_norm:>{task_width(name)}}" for name in names)
-    return f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
+    return f"{'method':<{width}} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
 
 
-def format_task_row(r: Row, names: list[str]) -> str:
+def format_task_row(r: Row, names: list[str], width: int) -> str:
     """One aligned zero-shot line: accuracy ± standard error in %, per task and averaged."""
     ses = [stderr(reported(r.tasks[name]), r.tasks[name]["n"]) for name in names]
     cells = " ".join(f"{100 * reported(r.tasks[name]):.1f}±{100 * se:.1f}".rjust(task_width(name))
                      for name, se in zip(names, ses))
     avg_se = math.sqrt(sum(se * se for se in ses)) / len(names)  # the tasks' errors are independent
     average = f"{100 * r.avg_acc:.1f}±{100 * avg_se:.1f}"
-    return f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
+    return f"{r.method:<{width}} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
 
 
 def write_json(path: str | None, rows: list[Row]) -> None:
@@ -783,9 +830,9 @@ class Runner:
         self.args, self.model, self.dec, self.calib = args, model, dec, calib
 
     def config(self, method: str, ratio: float) -> pp.PPConfig:
-        """PP settings of a method at a ratio (every method rounds MLP widths alike)."""
+        """PP settings of a method (or PP variant) at a ratio (every method rounds MLP widths alike)."""
         make = pp.PPConfig.full_batch if method == "fullbatch" else pp.PPConfig
-        return make(ratio, mlp_multiple=self.args.mlp_multiple)
+        return make(ratio, mlp_multiple=self.args.mlp_multiple, **self.args.variants.get(method, {}))
 
     def build(self, method: str, ratio: float) -> pp.Decoder | pp.ProbePruner:
         """The method's model: a decoder (dense, or pruned here once) or a ProbePruner."""
@@ -823,7 +870,7 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     tasks = prepare_tasks(args, model.config, tokenizer, examples)  # quick, and may refuse the run
     runner = Runner(args, model, dec, calibrate(args, tokenizer, dec, docs))
     jobs = [("dense", 0.0)] if "dense" in args.method else []
-    jobs += [(m, r) for r in args.ratio for m in args.method if m != "dense"]
+    jobs += [(m, r) for r in args.ratio for m in args.method + list(args.variants) if m != "dense"]
     rows: dict[tuple[str, float], Row] = {}
     if not args.no_ppl:
         run_perplexity(args, runner, tokenizer, docs["data"], jobs, rows)
@@ -840,7 +887,7 @@ def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> C
     if "calib" not in docs:
         return calib
     calib = calib._replace(batches=calibration_batches(args, tokenizer, docs["calib"]))
-    if "pp" in args.method:  # kept on the CPU; each pruner copies it to its blocks' devices
+    if uses_history(args):  # kept on the CPU; each pruner copies it to its blocks' devices
         history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
         calib = calib._replace(history=[h.cpu() for h in history])
     wanted = {name: baselines.METHODS[name] for name in args.method if name in baselines.METHODS}
@@ -874,8 +921,8 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
     dense_flops = pp.dense_flops(runner.dec, args.batch_size * args.seqlen)
-    print(HEADER)
-    print("-" * len(HEADER))
+    print(header(args.width))
+    print("-" * len(header(args.width)))
     for rnd in range(args.rounds):
         for method, ratio in jobs:
             reset_peak_memory()
@@ -887,15 +934,15 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             row.seconds = statistics.median(row.round_seconds)
             row.tokens_per_s = tokens / row.seconds
             row.peak_mem_gib = max(filter(None, (row.peak_mem_gib, peak_memory_gib())), default=None)
-            if method in PROBING:
+            if method in PROBING or method in args.variants:
                 row.probe_flops_pct = 100 * pp.probe_flops(runner.dec, runner.config(method, ratio),
                                                            args.batch_size, args.seqlen) / dense_flops
-            if args.profile and method in PROBING and rnd == 0 and len(batches) > 1:
+            if args.profile and (method in PROBING or method in args.variants) and rnd == 0 and len(batches) > 1:
                 print_stages(method, ratio, profile_stages(fn, runner.dec, batches[1]))
             del fn
             if rnd == args.rounds - 1:  # final: compare with dense, print, save
                 finish(row, rows.get(("dense", 0.0)))
-                print(format_row(row), flush=True)
+                print(format_row(row, args.width), flush=True)
             write_json(args.json, list(rows.values()))
 
 
@@ -918,7 +965,7 @@ def prepare_tasks(args, config, tokenizer, examples: dict[str, list[Example]]) -
     if window is not None and longest > window:
         raise UsageError(f"a zero-shot input has {longest} tokens, beyond the model's sliding attention "
                          f"window of {window} (sliding-window attention is not implemented)")
-    if "pp" in args.method and longest > args.seqlen:
+    if uses_history(args) and longest > args.seqlen:
         raise UsageError(f"a zero-shot input has {longest} tokens, but PP's historical states cover "
                          f"--seqlen {args.seqlen} positions: use --seqlen {longest} or more")
     return tasks
@@ -932,7 +979,7 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
           + ", ".join(f"{name} {len(t.examples)}" for name, t in tasks.items())
           + f" examples; batches of {args.batch_size} inputs, longest first")
     print("# accuracy in % ± standard error; * = acc_norm, else acc; seconds = the whole zero-shot run")
-    header = task_header(names)
+    header = task_header(names, args.width)
     print(header)
     print("-" * len(header))
     for method, ratio in jobs:
@@ -945,7 +992,7 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
         row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced
         row.avg_acc = statistics.mean(reported(r) for r in results.values())
         del fn
-        print(format_task_row(row, names), flush=True)
+        print(format_task_row(row, names, args.width), flush=True)
         write_json(args.json, list(rows.values()))
 
 
@@ -1012,14 +1059,16 @@ def measure_generation(prefill_fn: pp.PrefillFn, batches: list[torch.Tensor], pr
     return Generated(**sums, continuations=first)
 
 
-GEN_HEADER = (f"{'method':<{METHOD_WIDTH}} {'ratio':>5} {'gen ppl':>9} {'prefill s':>9} {'decode tok/s':>12} "
-              f"{'speedup':>7} {'b1 tok/s':>9} {'speedup':>7}")
+def gen_header(width: int) -> str:
+    """Header of the generation table, its method column `width` wide."""
+    return (f"{'method':<{width}} {'ratio':>5} {'gen ppl':>9} {'prefill s':>9} {'decode tok/s':>12} "
+            f"{'speedup':>7} {'b1 tok/s':>9} {'speedup':>7}")
 
 
-def format_gen_row(r: Row, dense: Row | None) -> str:
+def format_gen_row(r: Row, dense: Row | None, width: int) -> str:
     """One aligned line of the generation table (speedups against dense's decoding)."""
     speed = lambda field: "" if dense is None else f"{getattr(r, field) / getattr(dense, field):.2f}x"
-    return (f"{r.method:<{METHOD_WIDTH}} {r.ratio:>5.2f} {r.gen_ppl:>9.3f} {r.prefill_seconds:>9.3f} "
+    return (f"{r.method:<{width}} {r.ratio:>5.2f} {r.gen_ppl:>9.3f} {r.prefill_seconds:>9.3f} "
             f"{r.decode_tokens_per_s:>12.1f} {speed('decode_tokens_per_s'):>7} {r.decode_tokens_per_s_b1:>9.1f} "
             f"{speed('decode_tokens_per_s_b1'):>7}")
 
@@ -1035,8 +1084,8 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
           f"KV cache on the structure chosen on the prompt; decode = greedy, {N - 1} steps after the prefill; "
           + (f"timed over batches 2..{len(batches)}" if len(batches) > 1 else "the only batch timed (no warm-up)")
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
-    print(GEN_HEADER)
-    print("-" * len(GEN_HEADER))
+    print(gen_header(args.width))
+    print("-" * len(gen_header(args.width)))
     measured: dict[tuple[str, float], list[Generated]] = {}
     for rnd in range(args.rounds):
         for method, ratio in jobs:
@@ -1050,7 +1099,8 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             row.decode_tokens_per_s = g.decode_tokens / statistics.median(r.decode_seconds for r in runs)
             row.decode_tokens_per_s_b1 = g.b1_tokens / statistics.median(r.b1_seconds for r in runs)
             if rnd == args.rounds - 1:
-                print(format_gen_row(row, rows.get(("dense", 0.0)) if "dense" in args.method else None), flush=True)
+                dense = rows.get(("dense", 0.0)) if "dense" in args.method else None
+                print(format_gen_row(row, dense, args.width), flush=True)
             write_json(args.json, list(rows.values()))
     for i in range(min(args.show, len(batches[0]))):
         prompt = tokenizer.decode(batches[0][i, :P])
@@ -1058,6 +1108,28 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
         for (method, ratio), runs in measured.items():
             text = tokenizer.decode(runs[0].continuations[i])
             print(f"#   {runner.label(method)} {ratio}: {text!r}")
+
+
+def plot_rows(rows: list[Row], variants: dict[str, dict], path: str) -> None:
+    """Perplexity against speedup over dense, one mark per method and ratio, saved as an image."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        if r.speedup is None or r.ppl is None:
+            continue
+        marker = "*" if r.method == "pp" else "^" if r.method in variants else "o"
+        ax.scatter(r.speedup, r.ppl, marker=marker, s=90 if marker == "*" else 40)
+        ax.annotate(f"{r.method} {r.ratio:g}", (r.speedup, r.ppl), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set(xlabel="speedup over dense (same run)", ylabel="WikiText-2 perplexity (log)", yscale="log",
+           title="quality against speed: lower right is better")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def finish(row: Row, dense: Row | None) -> None:
@@ -1089,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pruned / 2**10:.1f} KiB at ratio {cfg.ratio}"
                   + (" (GQA: k/v heads are never pruned)" if dense == pruned else " (the kept heads' only)"))
             return 0
-        needs_calib = set(args.method) & (set(baselines.METHODS) | {"pp"})
+        needs_calib = set(args.method) & set(baselines.METHODS) or uses_history(args)
         wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
@@ -1101,7 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"cannot load model {args.model or pp.default_model()!r}: {e}".splitlines()[0]) from e
         if args.device_map:  # inputs start where the embeddings live
             args.device = str(pp.read_weights(model).embed.device)
-        run_methods(args, model, tokenizer, docs, examples)
+        rows = run_methods(args, model, tokenizer, docs, examples)
+        if args.plot is not None:
+            plot_rows(rows, args.variants, args.plot)
+            print(f"# figure: {args.plot}")
     except UsageError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

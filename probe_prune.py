@@ -32,6 +32,11 @@ from torch.profiler import record_function
 # -----------------------------------------------------------------------------------------
 # Configuration
 
+# The choices of PPConfig's string fields (the first is the paper's); each is a few lines of its stage.
+PROBE_SELECTIONS = ("residual", "random")  # residual importance, or a seeded random probe of the same size
+HISTORIES = ("fused", "none", "only")  # probe fused with history, the probe alone, or the history alone
+SCORES = ("ppsp", "wanda")  # PPsp, or Wanda-sp's ||X_j||_2 * sum_i |W_ij| on the same states
+
 
 @dataclass(frozen=True)
 class PPConfig:
@@ -43,7 +48,11 @@ class PPConfig:
     momentum: float = 0.99  # EMA momentum of the historical states
     dense_layers: int = 3  # the first decoder layers are left dense (they prune badly)
     mlp_multiple: int = 1  # round kept MLP channels up to a multiple (64 suits GPU kernels); 1 = off
-    use_history: bool = True  # fuse the probe with historical states (calibration + EMA)
+    probe_select: str = "residual"  # PROBE_SELECTIONS: how the probe's samples and tokens are picked
+    history: str = "fused"  # HISTORIES: "none" scores the probe alone; "only" runs no probe at all,
+    # scoring each batch by the historical states (still updated by the EMA)
+    score: str = "ppsp"  # SCORES: the channel score
+    seed: int = 0  # of the random probe
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -54,12 +63,20 @@ class PPConfig:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
         if self.dense_layers < 0 or self.mlp_multiple < 1:
             raise ValueError("dense_layers must be >= 0 and mlp_multiple >= 1")
+        for name, choices in (("probe_select", PROBE_SELECTIONS), ("history", HISTORIES), ("score", SCORES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    @property
+    def use_history(self) -> bool:
+        """Whether PP keeps historical states (calibration + EMA)."""
+        return self.history != "none"
 
     @classmethod
     def full_batch(cls, ratio: float, **kw) -> PPConfig:
         """The paper's upper bound: the probe is the whole batch, used alone (no history)."""
         # As in the official code's full-batch runs: no calibration, no fusion, no EMA.
-        return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, use_history=False, **kw)
+        return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, history="none", **kw)
 
     def probe_size(self, batch_size: int, seqlen: int) -> tuple[int, int]:
         """(samples, tokens) of the probe of a (batch_size, seqlen) batch."""
@@ -609,15 +626,25 @@ class Probe(NamedTuple):
     tokens: Tensor  # (nt,) token indices in the batch, ascending
 
 
-def select_probe(x: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: int) -> Probe:
-    """Stage 1: the top tokens by residual importance over the batch, then the top samples on them."""
-    # Residual importance (the paper's probe generation): the L2 norm of the residual stream x entering the block
-    # across the dimensions not being ranked, i.e. ||x[:, t, :]||_2 for token t and ||x[b, tokens, :]||_2
-    # for sample b. The paper does not fix which comes first; like the official code we pick tokens
-    # over the whole batch, then samples on those tokens. Padding scores 0 and is masked anyway.
+def residual_importance(x: Tensor, ctx: Context) -> Tensor:
+    """The paper's residual importance of each token (B, T): the L2 norm of the residual stream x
+    entering the block; padding scores 0."""
     r = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (B, T), without an fp32 copy of x
-    if ctx.attn_mask is not None:  # padded batch
-        r = r * ctx.mask
+    return r * ctx.mask if ctx.attn_mask is not None else r  # padded batch: padding never leads
+
+
+def random_importance(ctx: Context, generator: torch.Generator) -> Tensor:
+    """A seeded random importance (B, T) in [0, 1): a random probe of the same size (ablation)."""
+    r = torch.rand(ctx.mask.shape, generator=generator, device=generator.device).to(ctx.mask.device)
+    return r * ctx.mask
+
+
+def select_probe(r: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: int) -> Probe:
+    """Stage 1: the top tokens by importance r (B, T) over the batch, then the top samples on them."""
+    # Ranked by the L2 norm of r across the dimension not being ranked: ||r[:, t]||_2 for token t,
+    # ||r[b, tokens]||_2 for sample b (with residual importance: ||x[:, t, :]||_2, ||x[b, tokens, :]||_2).
+    # The paper does not fix which comes first; like the official code we pick tokens over the
+    # whole batch, then samples on those tokens.
     tokens = r.norm(dim=0).topk(n_tokens).indices.sort().values  # (nt,) in causal order
     samples = r[:, tokens].norm(dim=1).topk(n_samples).indices.sort().values  # (ns,) in batch order
     pick = lambda t: t[samples[:, None], tokens]  # (B, T, ...) -> (ns, nt, ...)
@@ -643,6 +670,12 @@ def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
     # Each entry leans towards whichever of the two is larger: w = P / (P + H + eps),
     # fused = w * P + (1 - w) * H = H + w * (P - H), which is one lerp.
     return torch.lerp(history, probe, probe / (probe + history + eps))
+
+
+def wanda_scores(c: Tensor, out_abs: Tensor, unit: int) -> Tensor:
+    """Wanda-sp's score on PP's states c (Cz,) (ablation): sqrt(c_j) * sum_i |W_ij|, a head summing
+    its channels, as baselines.wanda_sp_scores does with the calibration states."""
+    return (c.sqrt() * out_abs).view(-1, unit).sum(-1)  # (Cz / unit,)
 
 
 def pp_scores(c: Tensor, out_norm: Tensor, unit: int) -> Tensor:
@@ -734,7 +767,11 @@ class ProbePruner:
         self.dec = read_weights(model)
         self.eos_token_id, self.pad_token_id = stop_tokens(model)
         self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
-        self.out_norms = {b: out_weight_norms(self.dec.blocks[b].out.weight) for b in self.n_keep}
+        # The score's fixed weight factor per channel: ||W[:, j]^2||_2 (PPsp) or sum_i |W_ij| (Wanda).
+        weight_factor = out_weight_norms if cfg.score == "ppsp" else (
+            lambda w: w.abs().sum(0, dtype=torch.float32))
+        self.out_weights = {b: weight_factor(self.dec.blocks[b].out.weight) for b in self.n_keep}
+        self.rng = torch.Generator(block_device(self.dec.blocks[-1])).manual_seed(cfg.seed)  # random probes
         self.history: dict[int, Tensor] | None = None  # block -> (T, Cz) fp32, on the block's device
         if history is not None:
             self.set_history(history)
@@ -783,11 +820,24 @@ class ProbePruner:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
         if b not in self.n_keep:  # a dense layer
             return blk
+        if self.cfg.history == "only":  # no probe: what earlier batches looked like, at these positions
+            c = self.history[b][:ctx.mask.shape[1]].sum(0)  # (Cz,)
+        else:
+            c = self.probe_states(b, blk, x, h, ctx)
+        with record_function(STAGES[2]):
+            score = pp_scores if self.cfg.score == "ppsp" else wanda_scores
+            units = top_units(score(c, self.out_weights[b], blk.unit), self.n_keep[b])
+        with record_function(STAGES[3]):  # then the full batch runs on the slices
+            return blk.keep(units)
+
+    def probe_states(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Tensor:
+        """Stages 1-3a for block b: the probe's mean z^2, fused with history, summed over its tokens (Cz,)."""
         with record_function(STAGES[0]):
-            probe = select_probe(x, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
+            r = residual_importance(x, ctx) if self.cfg.probe_select == "residual" else random_importance(ctx, self.rng)
+            probe = select_probe(r, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
         with record_function(STAGES[1]):  # the probe through the block's first half, all weights
             z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
-        with record_function(STAGES[2]):  # the probe's mean z^2, fused with history, scored
+        with record_function(STAGES[2]):
             padded = probe.ctx.attn_mask is not None
             s, n = square_sums(z, probe.ctx.mask, padded)
             p = s / n.clamp(min=1)[:, None]  # (nt, Cz)
@@ -795,10 +845,7 @@ class ProbePruner:
                 p = fuse(p, self.history[b][probe.tokens])
             if padded:  # tokens that are padding in every probe sample drop out
                 p = p * (n > 0)[:, None]
-            c = p.sum(0)  # (Cz,) over the probe's tokens
-            units = top_units(pp_scores(c, self.out_norms[b], blk.unit), self.n_keep[b])
-        with record_function(STAGES[3]):  # then the full batch runs on the slices
-            return blk.keep(units)
+            return p.sum(0)  # (Cz,) over the probe's tokens
 
     def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         """After the full batch ran block b, fold its states into the history (kept channels)."""
@@ -923,6 +970,8 @@ def dense_flops(dec: Decoder, n_tokens: int) -> int:
 
 def probe_flops(dec: Decoder, cfg: PPConfig, batch_size: int, seqlen: int) -> int:
     """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
+    if cfg.history == "only":  # no probe
+        return 0
     n_samples, n_tokens = cfg.probe_size(batch_size, seqlen)
     n_probe = n_samples * n_tokens
     pruned = dec.blocks[2 * cfg.dense_layers:]

@@ -202,7 +202,7 @@ def test_probe_takes_top_tokens_then_top_samples_by_l2_norms():
     x[..., 0] = norms  # the L2 norm over features is the value in feature 0
     h = torch.randn(4, 4, 64)
     ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
-    probe = pp.select_probe(x, h, ctx, n_samples=2, n_tokens=2)
+    probe = pp.select_probe(pp.residual_importance(x, ctx), h, ctx, n_samples=2, n_tokens=2)
     # Tokens by the L2 norm over samples: sqrt(118), sqrt(73), sqrt(201), sqrt(6) -> 0, 2 (sums
     # would pick 1, 2). Samples by the L2 norm on tokens 0, 2: sqrt(2), sqrt(145), 10, sqrt(72)
     # -> 1, 2 (sums would pick 1, 3).
@@ -219,7 +219,7 @@ def test_padding_never_enters_the_probe():
     x[1] = 1
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # sample 0: big but half padding
     ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
-    probe = pp.select_probe(x, torch.randn(2, 4, 64), ctx, n_samples=1, n_tokens=2)
+    probe = pp.select_probe(pp.residual_importance(x, ctx), torch.randn(2, 4, 64), ctx, n_samples=1, n_tokens=2)
     assert probe.tokens.tolist() == [0, 1]  # the real tokens of sample 0, never positions 2, 3
 
 
@@ -832,7 +832,7 @@ def test_nothing_held_keeps_an_autograd_graph():
     ids, mask = padded_batch(model.config.vocab_size, B=4)
     pruner = pp.ProbePruner(model, pp.PPConfig(0.4, dense_layers=1)).calibrate([(ids, mask)])
     pruner(ids, mask)
-    held = list(tensors_in([pruner.dec, pruner.out_norms, pruner.history]))
+    held = list(tensors_in([pruner.dec, pruner.out_weights, pruner.history]))
     stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)], similarity=True)
     for name in bl.METHODS:
         held += tensors_in(static_pruned(pp.read_weights(model), name, pp.PPConfig(0.4, dense_layers=1), stats, [ids]))
@@ -1425,3 +1425,122 @@ def test_cli_estimate_memory_adds_the_kv_cache(config_only_dir):
     assert code == 0, err
     # 30 layers x 2 k/v heads x 16 channels x (k, v) x 4 bytes = 7.5 KiB; GQA keeps k/v whole
     assert "KV cache per token of each sample 7.5 KiB dense, 7.5 KiB at ratio 0.4" in out
+
+
+# -----------------------------------------------------------------------------------------
+# PP's variants (ablations): each changes its stage and nothing else
+
+
+class InnerCounter:
+    """Counts the blocks' inner() calls (the full batch's and the look-ahead's)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for cls in (pp.Attention, pp.MLP):
+            original = cls.inner
+            monkeypatch.setattr(cls, "inner", self.wrap(original))
+
+    def wrap(self, original):
+        def inner(blk, *args, **kw):
+            self.calls += 1
+            return original(blk, *args, **kw)
+        return inner
+
+
+def test_history_only_runs_no_look_ahead_and_equals_static_ppsp_on_the_first_batch(monkeypatch):
+    model = make_model("llama-gqa")
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, history="only")
+    history = calibrated(model, cfg).history
+    pruner = RecordingPruner(model, cfg, history=history)
+    ids = torch.randint(0, 97, (4, 20))
+    counter = InnerCounter(monkeypatch)
+    pruner(ids)
+    assert counter.calls == len(pruner.dec.blocks)  # the full batch's, no look-ahead
+    for b, n in pruner.n_keep.items():
+        blk = pruner.dec.blocks[b]
+        static = pp.top_units(pp.pp_scores(history[b][:20].sum(0), pp.out_weight_norms(blk.out.weight), blk.unit), n)
+        assert torch.equal(pruner.ran[b].kept, pp.unit_channels(static, blk.unit))
+    assert not all(torch.equal(history[b], pruner.history[b]) for b in history)  # the EMA still runs
+    assert pp.probe_flops(pruner.dec, cfg, 4, 20) == 0
+
+
+def test_random_probes_are_seeded_and_of_the_configured_size():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+    r = lambda seed: pp.random_importance(ctx, torch.Generator().manual_seed(seed))
+    assert torch.equal(r(1), r(1)) and not torch.equal(r(1), r(2))
+    probe = pp.select_probe(r(1), torch.randn(6, 10, 64), ctx, n_samples=2, n_tokens=5)
+    assert probe.h.shape == (2, 5, 64) and probe.tokens.tolist() == sorted(probe.tokens.tolist())
+    model = make_model("llama-gqa")
+    cfg = lambda seed: pp.PPConfig(ratio=0.4, dense_layers=1, probe_select="random", seed=seed)
+    history = calibrated(model, cfg(0)).history
+    ids = torch.randint(0, 97, (4, 20))
+    kept = lambda seed: [blk.kept for b, blk in sorted(run_recorded(model, cfg(seed), history, ids).items())]
+    first = kept(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept(0)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, kept(5)))
+
+
+def run_recorded(model, cfg, history, ids):
+    """The blocks a RecordingPruner ran on one batch."""
+    pruner = RecordingPruner(model, cfg, history=history)
+    pruner(ids)
+    return {b: blk for b, blk in pruner.ran.items() if b in pruner.n_keep}
+
+
+def test_score_wanda_equals_wanda_sp_on_the_same_states():
+    model = make_model("llama-mha")
+    dec = pp.read_weights(model)
+    for blk in dec.blocks[:2]:
+        c = torch.rand(blk.out.weight.shape[1])
+        st = bl.Stats(torch.tensor(1.0), c, c, None, None, None, 1)  # z_sq = c
+        ours = pp.wanda_scores(c, blk.out.weight.abs().sum(0), blk.unit)
+        torch.testing.assert_close(ours, bl.wanda_sp_scores(blk, st))
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, score="wanda")
+    pruner = pp.ProbePruner(model, cfg, history=calibrated(model, cfg).history)
+    torch.testing.assert_close(pruner.out_weights[2], dec.blocks[2].out.weight.abs().sum(0))
+
+
+@pytest.mark.parametrize("field,value", [("history", "sometimes"), ("probe_select", "best"), ("score", "l1")])
+def test_bad_variant_values_are_named(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        pp.PPConfig(**{field: value})
+
+
+def test_cli_pp_variants_add_labelled_rows_and_a_figure(tiny_model_dir, tmp_path):
+    results, figure = tmp_path / "rows.json", tmp_path / "quality_speed.png"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp",
+                             "--pp-variant", "history=only", "--pp-variant", "probe_samples=0.5,probe_tokens=1.0",
+                             "--ratio", "0.4", "--seqlen", "64", "--batch-size", "4", "--max-batches", "2",
+                             "--nsamples", "4", "--json", str(results), "--plot", str(figure))
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(results.read_text())}
+    assert list(rows) == ["dense", "pp", "pp[history=only]", "pp[probe_samples=0.5,probe_tokens=1.0]"]
+    assert rows["pp[history=only]"]["probe_flops_pct"] == 0  # no probe, no look-ahead
+    assert rows["pp[probe_samples=0.5,probe_tokens=1.0]"]["probe_flops_pct"] > rows["pp"]["probe_flops_pct"] > 0
+    assert all(math.isfinite(r["ppl"]) for r in rows.values())
+    lines = [line for line in out.splitlines() if line.startswith(("dense ", "pp"))]
+    assert len(lines) == 4 and len({line.index(" 0.") for line in lines}) == 1  # the method column fits every label
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pp-variant", "colour=red"], "'colour=red' is not KEY=VALUE with KEY one of probe_select"),
+    (["--pp-variant", "history"], "'history' is not KEY=VALUE"),
+    (["--pp-variant", "history=sometimes"], "history must be one of fused, none, only"),
+    (["--pp-variant", "probe_samples=half"], "probe_samples takes a float, not 'half'"),
+    (["--pp-variant", "momentum=2"], "momentum must be in [0, 1]"),
+    (["--plot", "no/such/folder/f.png"], "--plot: no such folder"),
+])
+def test_cli_bad_variants_before_the_weights_load(config_only_dir, args, message):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    find_spec = ev.importlib.util.find_spec
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+    with pytest.raises(ev.UsageError, match="--plot needs matplotlib"):
+        ev.parse_args(["--plot", str(tmp_path / "f.png"), "--data", str(WIKI_TEST)])
