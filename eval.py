@@ -8,11 +8,11 @@ per method and ratio.
 
 Perplexity: the test text is tokenized once and cut into sequential, non-overlapping windows of
 --seqlen tokens; perplexity = exp(mean next-token NLL over all windows). Wall time covers
-everything a method does per batch up to the logits (PP: probe, scoring, slicing, the full
-forward and the LM head; not the loss), with the first batch untimed as a warm-up.
+everything a method does per batch (PP: probe, scoring, slicing, the full forward), the LM head
+and the loss, with the first batch untimed as a warm-up.
 
 Zero-shot (--tasks): the seven commonsense tasks of the paper's table, with the prompts, choices
-and scoring of lm-evaluation-harness 0.4.x at 0 shots (see "Zero-shot tasks" below).
+and scoring of lm-evaluation-harness 0.4.x at 0 shots (`TASKS` below).
 """
 from __future__ import annotations
 
@@ -1117,11 +1117,13 @@ def plot_rows(rows: list[Row], variants: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    methods = list(dict.fromkeys(r.method for r in rows))
     for r in rows:
         if r.speedup is None or r.ppl is None:
             continue
         marker = "*" if r.method == "pp" else "^" if r.method in variants else "o"
-        ax.scatter(r.speedup, r.ppl, marker=marker, s=90 if marker == "*" else 40)
+        color = plt.cm.tab10(methods.index(r.method) % 10)  # one color per method, across ratios
+        ax.scatter(r.speedup, r.ppl, marker=marker, s=90 if marker == "*" else 40, color=color)
         ax.annotate(f"{r.method} {r.ratio:g}", (r.speedup, r.ppl), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set(xlabel="speedup over dense (same run)", ylabel="WikiText-2 perplexity (log)", yscale="log",
