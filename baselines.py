@@ -294,9 +294,10 @@ def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], Wei
 
 def taylor_scorer(w: Tensor) -> WeightScorer:
     """LLM-Pruner's element-wise first-order Taylor importance |W * G|."""
-    # |W * G| is not linear in G, so over several parts the gradient itself is summed (in place,
-    # in W's dtype): a model's worth of gradients, which one pass (the default) never holds.
-    return WeightScorer(project=lambda g: (g,), finish=lambda s: (w.float() * s[0].float()).abs())
+    # |W * G| is not linear in G, so over several parts the gradient itself is summed, in fp32 (a
+    # bf16/fp16 running sum would round every part away): a model's worth of fp32 gradients, which
+    # one pass (the default) never holds, as each weight's is scored and freed at once.
+    return WeightScorer(project=lambda g: (g.float(),), finish=lambda s: (w.float() * s[0]).abs())
 
 
 def taylor_scores(dec: pp.Decoder, ids: Tensor, batch: int | None = None) -> dict[int, Tensor]:

@@ -47,10 +47,6 @@ HUB_DATA = {  # name -> (dataset, config or data file, split)
     "c4": ("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "train"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Kept MLP channels are rounded up to this multiple unless --mlp-multiple says otherwise.
-# CUDA: 64, as the official code (fp16 tensor-core matmuls want aligned widths). CPU: 8, measured
-# on SmolLM2's MLP (README, "Kept MLP widths"): odd widths such as 853 ran slower than 856 or 896.
-MLP_MULTIPLE = {"cuda": 64, "cpu": 8}
 DEFAULT_PROMPT_LEN = 128  # --generate's prompt tokens
 
 
@@ -116,14 +112,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw perplexity against speedup over dense for every row (needs matplotlib)")
     p.add_argument("--mlp-multiple", type=int, default=None,
-                   help="round kept MLP channels up to a multiple, for every method "
-                        f"(default: {MLP_MULTIPLE['cuda']} on CUDA, {MLP_MULTIPLE['cpu']} on CPU)")
+                   help="round kept MLP channels up to a multiple, for every method (default: what the "
+                        "device's matmuls were measured to prefer: 64 on CUDA and for float16/bfloat16 on "
+                        "the CPU, 8 for float32 on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default here: %(default)s)")
     p.add_argument("--device-map", choices=("auto",), default=None,
                    help="'auto': spread the model over all visible GPUs with accelerate (big models)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
-                   help="auto = float16 on CUDA, float32 on CPU")
+                   help="auto: on CUDA the checkpoint's own half precision (its config's dtype: "
+                        "float16 for LLaMA-2, bfloat16 for LLaMA-3 and Qwen2.5; bfloat16 where none is "
+                        "recorded, float16 on GPUs without bfloat16); on the CPU bfloat16 if the CPU has "
+                        "bfloat16 matrix instructions and a bfloat16 matmul is measured faster than a "
+                        "float32 one, else float32")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every method this many times, interleaved; report the median")
     p.add_argument("--profile", action="store_true",
@@ -173,11 +174,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             check_output(getattr(args, option), f"--{option}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    cuda = args.device.startswith("cuda")
-    if args.dtype == "auto":
-        args.dtype = "float16" if cuda else "float32"
-    if args.mlp_multiple is None:
-        args.mlp_multiple = MLP_MULTIPLE["cuda" if cuda else "cpu"]
+    if args.dtype == "bfloat16" and args.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name(args.device)}) cannot run "
+                         "bfloat16; use --dtype float16 or float32")
     labels = list(METHODS) + list(args.variants)
     args.width = max(len(label) for label in labels) + len(RECOVERY_SUFFIX)  # the tables' method column
     return args
@@ -261,10 +260,53 @@ def check_output(path: str, option: str = "--json") -> None:
         raise UsageError(f"{option}: cannot write to {folder}")
 
 
+def auto_dtype(config, device: str) -> str:
+    """--dtype auto for a model on a device (see --help)."""
+    if device.startswith("cuda"):
+        saved = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+        if saved == "float16" or not torch.cuda.is_bf16_supported():
+            # A bf16 checkpoint (LLaMA-3, Qwen2.5) can overflow fp16: on a GPU without bf16, fp32.
+            return "float32" if saved == "bfloat16" else "float16"
+        return "bfloat16"  # a bf16 checkpoint, or an fp32 / unrecorded one (never overflows)
+    return "bfloat16" if cpu_bf16_is_faster() else "float32"
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX, AVX512-BF16) and runs a bf16 matmul faster
+    than an fp32 one (measured: a few ms). Without them bf16 is emulated, several times slower."""
+    has_units = any(getattr(torch.cpu, name, lambda: False)()
+                    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return has_units and matmul_seconds(torch.bfloat16) < matmul_seconds(torch.float32)
+
+
+def matmul_seconds(dtype: torch.dtype) -> float:
+    """The best of a few timings of a (256, 1024) x (1024, 1024) matmul in `dtype`, after a warm-up."""
+    a, b = torch.randn(256, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+    best = math.inf
+    for _ in range(4):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def default_mlp_multiple(device: str, dtype: str) -> int:
+    """--mlp-multiple's default: the widths the device's matmul kernels were measured to prefer."""
+    # CUDA: 64, as the official code (fp16/bf16 tensor cores want aligned widths). CPU fp32: 8,
+    # measured on SmolLM2's MLP (README, *Kept MLP widths*): odd widths such as 853 ran slower
+    # than 856 or 896. CPU fp16/bf16: 64 (README, same section).
+    return 8 if device.startswith("cpu") and dtype == "float32" else 64
+
+
 def check_model(args) -> transformers.PretrainedConfig:
-    """The model's config, after every check that needs it but not its weights."""
+    """The model's config, after every check that needs it but not its weights; resolves the
+    defaults that depend on it (--dtype auto, --mlp-multiple)."""
     try:
         config = pp.load_config(args.model)
+        if args.dtype == "auto":
+            args.dtype = auto_dtype(config, args.device)
+        if args.mlp_multiple is None:
+            args.mlp_multiple = default_mlp_multiple(args.device, args.dtype)
         pp.check_seqlen(config, args.seqlen)
         # The longest window the model takes (gradient baselines calibrate on fixed lengths).
         limits = (getattr(config, "max_position_embeddings", None), pp.sliding_window(config))
@@ -681,16 +723,17 @@ def profile_stages(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder,
     """Seconds of each PP stage (pp.STAGES) in one batch, and of the rest of the batch."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    cuda = pp.block_device(dec.blocks[0]).type == "cuda"
+    # On CUDA each stage's kernels, as the profiler sees them inside its range; on the CPU each
+    # stage's wall time (the profiler's cost per op would inflate stages of many small ops).
+    clock = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if cuda else pp.stage_clock()
+    with clock as recorded:
         synchronize()
         start = time.perf_counter()
         batch_nll(logits_fn, dec, ids)
         total = time.perf_counter() - start
-    # Each stage's inclusive time: on CUDA the kernels run inside its range, on CPU its wall time.
-    spent = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e6
-             for e in prof.key_averages() if e.key in pp.STAGES}
+    spent = ({e.key: e.device_time_total / 1e6 for e in recorded.key_averages() if e.key in pp.STAGES}
+             if cuda else recorded)
     stages = [(name, spent.get(name, 0.0)) for name in pp.STAGES]
     return stages + [("full batch: sliced matmuls, attention, norms, LM head, loss", total - sum(s for _, s in stages)),
                      ("total", total)]

@@ -391,7 +391,9 @@ def test_real_model_pp_beats_random_pruning(smollm2, wiki_windows):
 
 
 def run_cli(*args):
-    """Run eval.py; return (exit status, stdout, stderr)."""
+    """Run eval.py, in fp32 unless --dtype is given (--dtype auto may pick bf16 on a CPU with bf16
+    matrix units); return (exit status, stdout, stderr)."""
+    args = args if "--dtype" in args else (*args, "--dtype", "float32")
     p = subprocess.run([sys.executable, str(HERE / "eval.py"), *args], capture_output=True, text=True,
                        cwd=HERE, timeout=600)
     return p.returncode, p.stdout, p.stderr
@@ -695,6 +697,22 @@ def test_parts_sum_the_adapters_small_gradients_and_give_the_scores_of_the_whole
     torch.testing.assert_close(bl.taylor_scorer(w).finish((g1,)), (w * g1).abs())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradient_sums_over_parts_are_fp32_for_half_precision_weights(dtype):
+    """A half-precision model's gradients are summed over micro-batches in fp32: 1000 parts of 1e-3
+    add up to 1 (in bf16 the running sum stalls at 0.5, fp16's a little below 1)."""
+    w = torch.ones(4, 3, dtype=dtype)
+    part = torch.full((4, 3), 1e-3, dtype=dtype)
+    for scorer in (bl.taylor_scorer(w), bl.lora_scorer(w, torch.Generator().manual_seed(0), rank=2)):
+        sums = scorer.project(part)
+        assert all(s.dtype == torch.float32 for s in sums)
+        for _ in range(999):
+            for acc, x in zip(sums, scorer.project(part)):
+                acc.add_(x)  # as gradient_scores adds each part
+        torch.testing.assert_close(scorer.finish(sums), scorer.finish(scorer.project(part.float() * 1000)),
+                                   rtol=2e-3, atol=0)
+
+
 def test_js_head_divergence_on_hand_made_maps():
     # Two samples, three tokens, three heads: heads 0 and 1 attend alike; head 2 differently.
     p = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
@@ -850,6 +868,30 @@ def test_square_sums_accumulate_fp16_in_fp32():
     s, n = pp.square_sums(z, mask, padded=True)
     assert s.dtype == torch.float32 and n.tolist() == [3.0, 2.0]
     torch.testing.assert_close(s, torch.tensor([[180004.0] * 4, [180000.0] * 4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sums", [pp.square_sum_by_sample, pp.square_sum_one_pass])  # the CPU's, a GPU's
+@pytest.mark.parametrize("padded", [False, True])
+def test_square_sums_equal_a_float64_reference_in_half_precision(dtype, sums, padded):
+    torch.manual_seed(0)
+    z = (torch.randn(20, 32, 48) * 200).to(dtype)  # |z| up to ~900: z^2 far beyond fp16's 65504
+    mask = torch.rand(20, 32) > 0.3 if padded else torch.ones(20, 32, dtype=torch.bool)
+    s = sums(z, mask, padded)
+    reference = (z.double() * mask[..., None]).square().sum(0)  # the rounded z, squared and summed exactly
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-6), (torch.bfloat16, 2 ** -8)])
+def test_residual_importance_in_half_precision(dtype, tolerance):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 4096) * 3000).to(dtype)  # norms near 190,000: beyond fp16's 65504
+    ctx = pp.Context(torch.ones(3, 7, dtype=torch.bool), None, None, None)
+    r = pp.residual_importance(x, ctx)
+    ref = x.double().norm(dim=-1)
+    assert r.dtype == torch.float32 and torch.isfinite(r).all()
+    assert ((r.double() - ref).abs() / ref).max() <= tolerance  # bf16: its own rounding of the norm
 
 
 # LLaMA-2-7B's shapes: 32 layers, 32 heads of 128, MLP 11008. At 0.4 each of the 29 pruned layers
@@ -1023,7 +1065,7 @@ def test_rows_are_written_as_soon_as_measured(tiny_model_dir, tmp_path, monkeypa
         ev.main(["--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
                  "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "wanda-sp", "pp",
                  "--seqlen", "32", "--batch-size", "2", "--max-batches", "2", "--nsamples", "2",
-                 "--json", str(results)])
+                 "--json", str(results), "--dtype", "float32"])
     assert [r["method"] for r in json.loads(results.read_text())] == ["dense", "wanda-sp"]
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1].startswith("wanda-sp") and printed[-2].startswith("dense")
@@ -1544,3 +1586,75 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
     with pytest.raises(ev.UsageError, match="--plot needs matplotlib"):
         ev.parse_args(["--plot", str(tmp_path / "f.png"), "--data", str(WIKI_TEST)])
+
+
+# -----------------------------------------------------------------------------------------
+# --dtype auto, and a dtype the device cannot run
+
+
+@pytest.mark.parametrize("saved,bf16_gpu,expected", [
+    ("float16", True, "float16"),  # LLaMA-2, as the paper ran it
+    ("bfloat16", True, "bfloat16"),  # LLaMA-3, Qwen2.5
+    (None, True, "bfloat16"),  # nothing recorded (a GGUF file): bf16, which never overflows
+    ("float32", True, "bfloat16"),
+    ("bfloat16", False, "float32"),  # fp16 could overflow a bf16 model: full precision
+    (None, False, "float16"),
+])
+def test_auto_dtype_on_cuda_is_the_checkpoints_half_precision(monkeypatch, saved, bf16_gpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    config = LlamaConfig(dtype=saved)
+    assert ev.auto_dtype(config, "cuda:0") == expected
+
+
+@pytest.mark.parametrize("units,bf16_faster,expected", [(False, True, "float32"), (True, False, "float32"),
+                                                         (True, True, "bfloat16")])
+def test_auto_dtype_on_the_cpu_is_bf16_only_where_measured_faster(monkeypatch, units, bf16_faster, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    timed = []
+
+    def seconds(dtype):
+        timed.append(dtype)
+        return 1.0 if (dtype == torch.bfloat16) == bf16_faster else 2.0
+
+    monkeypatch.setattr(ev, "matmul_seconds", seconds)
+    assert ev.auto_dtype(LlamaConfig(dtype="bfloat16"), "cpu") == expected
+    assert bool(timed) == units  # without bf16 units nothing is measured
+
+
+def test_matmul_seconds_times_the_dtype():
+    assert 0 < ev.matmul_seconds(torch.float32) < 10
+
+
+@pytest.mark.parametrize("device,dtype,multiple", [("cpu", "float32", 8), ("cpu", "bfloat16", 64),
+                                                   ("cpu", "float16", 64), ("cuda", "float16", 64)])
+def test_default_mlp_multiple_per_device_and_dtype(device, dtype, multiple):
+    assert ev.default_mlp_multiple(device, dtype) == multiple
+
+
+def test_cli_dtype_auto_is_resolved_before_the_weights_load(config_only_dir, monkeypatch):
+    monkeypatch.setattr(ev, "auto_dtype", lambda config, device: "bfloat16")
+    args = ev.parse_args(["--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4)])
+    assert args.dtype == "auto" and args.mlp_multiple is None
+    ev.check_model(args)
+    assert args.dtype == "bfloat16" and args.mlp_multiple == 64
+
+
+def test_cpu_profile_times_every_stage_by_the_wall_clock():
+    model = make_model("llama-gqa")
+    pruner = calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1))
+    ids = torch.randint(0, model.config.vocab_size, (4, 20))
+    stages = dict(ev.profile_stages(pruner, pruner.dec, ids))
+    assert list(stages)[:len(pp.STAGES)] == list(pp.STAGES)
+    assert all(stages[name] > 0 for name in pp.STAGES)
+    assert sum(stages[name] for name in pp.STAGES) < stages["total"]
+    assert pp._stage_seconds is None  # the clock stops with the batch: later stages are profiler ranges
+    assert isinstance(pp.stage(pp.STAGES[0]), torch.profiler.record_function)
+
+
+def test_bf16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(ev.UsageError, match=r"--dtype bfloat16: this GPU \(Tesla V100\) cannot run bfloat16"):
+        ev.parse_args(["--device", "cuda", "--dtype", "bfloat16", "--data", str(WIKI_TEST)])
