@@ -13,9 +13,11 @@ it runs the same forward as PP (`probe_prune.run`) on smaller matrices. They pru
   per layer; its pre-pruning recovery (least-squares refit before scoring) as an option.
 - LLM-Pruner (Ma et al., NeurIPS 2023) and LoRAPrune (Zhang et al., 2023) without their LoRA
   fine-tuning: gradient (Taylor) importance from one forward/backward pass on calibration text.
+- GRIFFIN (Dong et al., COLM 2024), for generation only: the prompt runs dense and its own MLP
+  activations choose the neurons every generated token runs on; attention stays dense.
 
 Reading order: calibration statistics, similar heads, the statistics-based scores, the gradient
-scores, the method table, choosing and slicing, the optional recovery.
+scores, the method table, choosing and slicing, the optional recovery, GRIFFIN.
 """
 from __future__ import annotations
 
@@ -528,3 +530,53 @@ def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor]
                 small = blocks[b]
                 s[1] = pp.add_residual(dec, small, x_hat, small.inner(pp.block_input(dec, small, x_hat), ctx))
     return replace(dec, blocks=blocks)
+
+
+# -----------------------------------------------------------------------------------------
+# GRIFFIN (Dong et al., COLM 2024): the prompt's own top neurons, for generation only
+
+
+def griffin_scores(z: Tensor, mask: Tensor, padded: bool = True) -> Tensor:
+    """GRIFFIN's neuron scores (Cz,) from a prompt's MLP states z (B, T, Cz): each token's row
+    divided by its L2 norm over the neurons, then each neuron's L2 norm over the real tokens."""
+    # GRIFFIN, Sec. 3: z_bar[t] = z[t] / ||z[t]||_2, s_j = ||z_bar[:, j]||_2. Over a batch the
+    # tokens of every prompt count alike: one structure per batch, as PP's.
+    norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=torch.float32)  # (B, T, 1)
+    s, _ = pp.square_sums(z / norms.clamp(min=torch.finfo(torch.float32).tiny), mask, padded)  # (T, Cz)
+    return s.sum(0).sqrt()
+
+
+def griffin_counts(dec: pp.Decoder, cfg: pp.PPConfig) -> dict[int, int]:
+    """Neurons GRIFFIN keeps per pruned MLP block: PP's kept channels at cfg.ratio, less as many as
+    hold the weights of the heads PP prunes before it (GRIFFIN's attention stays dense), rounded up
+    to cfg.mlp_multiple: both then decode about the same weights per token."""
+    n_keep = pp.kept_counts(dec, cfg)
+    counts = {}
+    for b, n in n_keep.items():
+        mlp, attn = dec.blocks[b], dec.blocks[b - 1]
+        if not isinstance(mlp, pp.MLP):
+            continue
+        C, n_channels = mlp.out.weight.shape
+        # A pruned head drops q and o slices (and k, v without GQA); a channel is a row of each MLP linear.
+        head_weights = (2 if attn.group > 1 else 4) * attn.head_dim * C
+        pruned_heads = attn.out.weight.shape[1] // attn.unit - n_keep[b - 1]
+        channels = math.ceil(n - pruned_heads * head_weights / (len(pp.block_linears(mlp)) * C))
+        if channels < 1:
+            raise ValueError(f"GRIFFIN at ratio {cfg.ratio}: the heads PP prunes in layer {b // 2} hold more "
+                             "weights than the MLP channels PP keeps, so no neuron count matches PP's decoding")
+        counts[b] = pp.round_up(channels, cfg.mlp_multiple, n_channels)
+    return counts
+
+
+def griffin_prefill(dec: pp.Decoder, cfg: pp.PPConfig) -> pp.PrefillFn:
+    """GRIFFIN as a prefill function (`pp.prefill`'s): the prompt runs dense into the cache, and
+    each pruned MLP block keeps its top neurons by the prompt's states for every later token."""
+    counts = griffin_counts(dec, cfg)
+
+    def choose(b: int, blk: pp.Block, h: Tensor, z: Tensor, ctx: pp.Context) -> pp.Block:
+        if b not in counts:
+            return blk
+        scores = griffin_scores(z, ctx.mask, padded=ctx.attn_mask is not None)
+        return blk.keep(pp.top_units(scores, counts[b]))
+
+    return partial(pp.dense_prefill, dec, choose=choose)

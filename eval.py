@@ -40,7 +40,8 @@ from tqdm import tqdm
 import baselines
 import probe_prune as pp
 
-METHODS = ("dense", "pp", "fullbatch") + tuple(baselines.METHODS)
+GENERATION_ONLY = ("griffin",)  # methods that choose their structure on a prompt: --generate rows only
+METHODS = ("dense", "pp", "fullbatch") + tuple(baselines.METHODS) + GENERATION_ONLY
 PROBING = ("pp", "fullbatch")
 HUB_DATA = {  # name -> (dataset, config or data file, split)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test"),
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, nargs="+", default=[0.4],
                    help="fraction of heads and MLP channels pruned, in [0, 1); several allowed")
     p.add_argument("--method", nargs="+", default=["dense", "pp"], choices=METHODS + ("all",),
-                   help="methods to run; 'all' runs every one")
+                   help="methods to run; 'all' runs every one (griffin: with --generate only)")
     p.add_argument("--data", default="wikitext2",
                    help="'wikitext2' (hub test split) or a local .txt/.raw/.jsonl/.parquet file")
     p.add_argument("--calib", default="c4",
@@ -92,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--generate", type=int, default=None, metavar="N",
                    help="also measure generation: N new tokens after --prompt-len tokens of --data (the "
                         "continuation's perplexity, teacher-forced through the KV cache; prefill seconds; "
-                        "decode tokens/s at --batch-size and at batch 1); PP prunes on the prompt")
+                        "decode tokens/s at --batch-size and at batch 1); PP and GRIFFIN choose the slices on "
+                        "the prompt (PP: from its dense states; --pp-variant prefill=probe: by its probe)")
     p.add_argument("--prompt-len", type=int, default=None, metavar="P",
                    help=f"--generate: prompt tokens (default {DEFAULT_PROMPT_LEN})")
     p.add_argument("--show", type=int, default=0, metavar="K",
@@ -108,7 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="add a PP row with these PPConfig fields set, e.g. history=only or "
                         "probe_samples=0.25,probe_tokens=1.0 (repeatable); fields: " + ", ".join(VARIANT_FIELDS)
                         + f"; probe_select: {'/'.join(pp.PROBE_SELECTIONS)}, history: {'/'.join(pp.HISTORIES)}, "
-                        f"score: {'/'.join(pp.SCORES)}")
+                        f"score: {'/'.join(pp.SCORES)}, prefill: {'/'.join(pp.PREFILLS)} (with --generate "
+                        "only; how the prompt chooses the decoding slices: by its probe, or, the default, "
+                        "from its dense states)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw perplexity against speedup over dense for every row (needs matplotlib)")
     p.add_argument("--mlp-multiple", type=int, default=None,
@@ -137,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write the rows as JSON (rewritten after every row)")
     args = p.parse_args(argv)
     if "all" in args.method:
-        args.method = list(METHODS)
+        args.method = [m for m in METHODS if m not in GENERATION_ONLY or args.generate is not None]
     if "all" in args.tasks:
         args.tasks = list(TASKS)
     args.tasks = list(dict.fromkeys(args.tasks))  # each task once, in the order given
@@ -205,11 +209,20 @@ def uses_history(args) -> bool:
     return "pp" in args.method or any(pp.PPConfig(**fields).use_history for fields in args.variants.values())
 
 
+def generation_only(args, method: str) -> bool:
+    """Whether a method (or PP variant) has rows in --generate's table only: GRIFFIN, or a variant
+    that sets `prefill` (how generation chooses its slices; its batch path is that of the rest)."""
+    return method in GENERATION_ONLY or "prefill" in args.variants.get(method, {})
+
+
 def check_generate_args(args) -> None:
     """The generation options make sense together (the model's limits are checked with its config)."""
     if args.generate is None:
         if args.prompt_len is not None or args.show:
             raise UsageError("--prompt-len and --show apply to --generate only")
+        for name in list(args.method) + list(args.variants):
+            if generation_only(args, name):
+                raise UsageError(f"{name} chooses the decoding structure on a prompt: it runs with --generate only")
         return
     for name in ("generate", "prompt_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -224,7 +237,7 @@ def check_generate_args(args) -> None:
 
 # PPConfig fields a --pp-variant may set (ratio and mlp_multiple are the run's, for every method).
 VARIANT_FIELDS = ("probe_select", "history", "score", "probe_samples", "probe_tokens", "momentum",
-                  "dense_layers", "seed")
+                  "dense_layers", "seed", "prefill")
 
 
 def parse_variant(text: str, args) -> tuple[str, dict]:
@@ -898,6 +911,8 @@ class Runner:
 
     def prefill_fn(self, method: str, ratio: float) -> pp.PrefillFn:
         """The method's prompt -> (residual stream, decoder to decode on) function (`pp.prefill`)."""
+        if method == "griffin":
+            return baselines.griffin_prefill(self.dec, self.config(method, ratio))
         built = self.build(method, ratio)
         return partial(pp.prefill, built) if isinstance(built, pp.Decoder) else built.prefill
 
@@ -915,10 +930,11 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     jobs = [("dense", 0.0)] if "dense" in args.method else []
     jobs += [(m, r) for r in args.ratio for m in args.method + list(args.variants) if m != "dense"]
     rows: dict[tuple[str, float], Row] = {}
+    scored = [(m, r) for m, r in jobs if not generation_only(args, m)]  # perplexity and zero-shot rows
     if not args.no_ppl:
-        run_perplexity(args, runner, tokenizer, docs["data"], jobs, rows)
+        run_perplexity(args, runner, tokenizer, docs["data"], scored, rows)
     if tasks:
-        run_tasks(args, runner, tasks, jobs, rows)
+        run_tasks(args, runner, tasks, scored, rows)
     if args.generate is not None:
         run_generation(args, runner, tokenizer, docs["data"], jobs, rows)
     return list(rows.values())

@@ -38,6 +38,7 @@ from torch.profiler import record_function
 PROBE_SELECTIONS = ("residual", "random")  # residual importance, or a seeded random probe of the same size
 HISTORIES = ("fused", "none", "only")  # probe fused with history, the probe alone, or the history alone
 SCORES = ("ppsp", "wanda")  # PPsp, or Wanda-sp's ||X_j||_2 * sum_i |W_ij| on the same states
+PREFILLS = ("probe", "dense")  # generation: the prompt pruned by its probe, or run dense and scored whole
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class PPConfig:
     # scoring each batch by the historical states (still updated by the EMA)
     score: str = "ppsp"  # SCORES: the channel score
     seed: int = 0  # of the random probe
+    # PREFILLS: how generation picks the slices it decodes on (`ProbePruner.prefill`). "dense", not
+    # the paper's batch procedure, by the README's generation table: the whole prompt's dense states
+    # choose better slices than its probe, for the same decoding. The batch path is the paper's.
+    prefill: str = "dense"
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -65,7 +70,8 @@ class PPConfig:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
         if self.dense_layers < 0 or self.mlp_multiple < 1:
             raise ValueError("dense_layers must be >= 0 and mlp_multiple >= 1")
-        for name, choices in (("probe_select", PROBE_SELECTIONS), ("history", HISTORIES), ("score", SCORES)):
+        for name, choices in (("probe_select", PROBE_SELECTIONS), ("history", HISTORIES), ("score", SCORES),
+                              ("prefill", PREFILLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -78,7 +84,7 @@ class PPConfig:
     def full_batch(cls, ratio: float, **kw) -> PPConfig:
         """The paper's upper bound: the probe is the whole batch, used alone (no history)."""
         # As in the official code's full-batch runs: no calibration, no fusion, no EMA.
-        return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, history="none", **kw)
+        return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, history="none", prefill="probe", **kw)
 
     def probe_size(self, batch_size: int, seqlen: int) -> tuple[int, int]:
         """(samples, tokens) of the probe of a (batch_size, seqlen) batch."""
@@ -531,6 +537,10 @@ class LayerCache:
         self.n += T
         return self.k[:, :, :self.n], self.v[:, :, :self.n]
 
+    def keep_heads(self, heads: Tensor) -> None:
+        """Drop every k/v head but `heads` (sorted), once: the buffers shrink to theirs."""
+        self.k, self.v = self.k.index_select(1, heads), self.v.index_select(1, heads)
+
 
 class KVCache:
     """What later tokens need of earlier ones: each attention block's keys and values, and the
@@ -557,6 +567,7 @@ class KVCache:
 
 PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
 ObserveFn = Callable[[int, Block, Tensor, Tensor, Context], None]
+ChooseFn = Callable[[int, Block, Tensor, Tensor, Context], Block]  # as ObserveFn, and returns a block
 
 
 def block_input(dec: Decoder, blk: Block, x: Tensor) -> Tensor:
@@ -862,8 +873,12 @@ class ProbePruner:
                    logits=logits)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Decoder]:
-        """A prompt batch pruned as any batch (`prefill`): every later token runs on its slices."""
+        """A prompt batch into `cache`, and the slices every later token runs on (as `prefill`).
+        cfg.prefill "probe": the prompt is pruned as any batch, by its probe; "dense": it runs dense
+        (a dense model's KV cache), and each block's slices are chosen from the whole prompt's states."""
         self.check_history(input_ids.shape[1])
+        if self.cfg.prefill == "dense":
+            return dense_prefill(self.dec, input_ids, attention_mask, cache, self.choose_from_prompt)
         return prefill(self.dec, input_ids, attention_mask, cache, prune=self.prune_block,
                        observe=self.update_history)
 
@@ -925,6 +940,21 @@ class ProbePruner:
             p = p * (n > 0)[:, None]
         return p.sum(0)  # (Cz,)
 
+    def choose_from_prompt(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> Block:
+        """Dense prefill: block b's slices for decoding, chosen from the whole prompt's states z
+        (B, T, Cz) with no look-ahead; then the history takes in z (every channel ran)."""
+        if b not in self.n_keep:
+            return blk
+        if self.cfg.history == "only":
+            c = self.history[b][:z.shape[1]].sum(0)  # (Cz,)
+        else:
+            c = self.fused_states(b, z, ctx)
+        kept = self.keep_best(b, blk, c)
+        if self.cfg.use_history:
+            with stage(STAGES[4]):
+                ema_update(self.history[b], z, ctx.mask, None, self.cfg.momentum, padded=ctx.attn_mask is not None)
+        return kept
+
     def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         """After the full batch ran block b, fold its states into the history (kept channels)."""
         if self.cfg.use_history and b in self.n_keep:
@@ -950,6 +980,23 @@ def prefill(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, cach
 
     x = run(dec, input_ids, attention_mask, prune=choose if prune else None, observe=observe,
             logits=False, cache=cache)
+    return x, replace(dec, blocks=blocks)
+
+
+def dense_prefill(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
+                  choose: ChooseFn) -> tuple[Tensor, Decoder]:
+    """Run a prompt batch dense into `cache`, as `prefill` does; the decoder returned has the blocks
+    `choose(b, block, h, z, ctx)` picks from each block's dense states of the whole prompt."""
+    blocks = list(dec.blocks)
+
+    def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
+        blocks[b] = choose(b, blk, h, z, ctx)
+
+    x = run(dec, input_ids, attention_mask, observe=observe, logits=False, cache=cache)
+    for b, blk in enumerate(blocks):
+        if isinstance(blk, Attention) and blk.group == 1 and blk.kept is not None:
+            # A pruned MHA block decodes on its kept heads' k/v only (GQA blocks keep k/v whole).
+            cache.layer(b).keep_heads(blk.kept[::blk.head_dim] // blk.head_dim)
     return x, replace(dec, blocks=blocks)
 
 

@@ -1031,6 +1031,8 @@ def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message):
     (["--seqlen", "4096"], "beyond the model's context of 2048 tokens"),
     (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
     (["--recovery", "--method", "flap"], "--recovery applies to --method second-moment"),
+    (["--method", "dense", "griffin"], "griffin chooses the decoding structure on a prompt: it runs with --generate only"),
+    (["--pp-variant", "prefill=probe"], "pp[prefill=probe] chooses the decoding structure on a prompt: it runs with"),
 ])
 def test_cli_mistakes_are_reported_before_the_weights_load(config_only_dir, args, message):
     code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
@@ -1380,10 +1382,10 @@ def test_cached_logits_equal_an_uncached_forward(name, chunk):
         assert (cached[real] - full[real]).abs().max() <= 1e-4
 
 
-def test_pp_at_ratio_zero_generates_the_dense_tokens():
+def test_probe_prefill_at_ratio_zero_generates_the_dense_tokens():
     model = make_model("llama-gqa")
     ids, mask = left_padded_prompts(model.config.vocab_size)
-    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1))
+    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1, prefill="probe"))
     dense = pp.generate(model, ids, mask, max_new_tokens=32)
     assert torch.equal(pruner.generate(ids, mask, max_new_tokens=32), dense)
 
@@ -1396,9 +1398,9 @@ class CountingPruner(RecordingPruner):
         return super().prune_block(b, blk, x, h, ctx)
 
 
-def test_pp_decodes_on_the_prompts_slices_and_caches_only_kept_heads():
+def test_probe_prefill_decodes_on_the_prompts_slices_and_caches_only_kept_heads():
     model = make_model("llama-mha")  # 4 heads of 16 channels, no GQA: k/v are pruned with q
-    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, prefill="probe")
     pruner = CountingPruner(model, cfg, history=calibrated(model, cfg).history)
     ids, mask = left_padded_prompts(model.config.vocab_size)
     out = pruner.generate(ids, mask, max_new_tokens=12)
@@ -1449,15 +1451,18 @@ def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_pa
     results = tmp_path / "gen.json"
     code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
                              "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp", "wanda-sp",
+                             "griffin", "--pp-variant", "prefill=probe",
                              "--seqlen", "64", "--batch-size", "4", "--max-batches", "2", "--nsamples", "4",
-                             "--generate", "12", "--prompt-len", "32", "--show", "1", "--no-ppl",
+                             "--generate", "12", "--prompt-len", "32", "--show", "1",
                              "--json", str(results))
     assert code == 0, err
     rows = json.loads(results.read_text())
-    assert [r["method"] for r in rows] == ["dense", "pp", "wanda-sp"]
+    assert [r["method"] for r in rows] == ["dense", "pp", "wanda-sp", "griffin", "pp[prefill=probe]"]
     for r in rows:
-        assert r["ppl"] is None and math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
+        assert math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
         assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b1"] > 0
+        # Perplexity rows for the batch methods only: GRIFFIN and dense prefill structure prompts.
+        assert (r["ppl"] is None) == (r["method"] in ("griffin", "pp[prefill=probe]"))
     assert "# prompt 1" in out and "#   pp 0.4:" in out and "32 prompt + 12 new tokens" in out
 
 
@@ -1467,6 +1472,177 @@ def test_cli_estimate_memory_adds_the_kv_cache(config_only_dir):
     assert code == 0, err
     # 30 layers x 2 k/v heads x 16 channels x (k, v) x 4 bytes = 7.5 KiB; GQA keeps k/v whole
     assert "KV cache per token of each sample 7.5 KiB dense, 7.5 KiB at ratio 0.4" in out
+
+
+# -----------------------------------------------------------------------------------------
+# Generation with a dense prefill: PP (prefill="dense") and GRIFFIN
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln"])
+def test_dense_prefill_at_ratio_zero_generates_the_dense_tokens(name):
+    model = make_model(name)
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1, prefill="dense"))
+    dense = pp.generate(model, ids, mask, max_new_tokens=24)
+    assert torch.equal(pruner.generate(ids, mask, max_new_tokens=24), dense)
+
+
+def test_generation_defaults_to_the_dense_prefill_and_full_batch_probing_to_its_probe():
+    assert pp.PPConfig().prefill == "dense" and pp.PPConfig.full_batch(0.4).prefill == "probe"
+
+
+def test_dense_prefill_gives_the_dense_prompt_logits_and_first_token():
+    model = make_model("llama-gqa")
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1, prefill="dense"))
+    x, dec = pruner.prefill(ids, mask, pp.KVCache(ids.shape[1] + 8))
+    assert torch.equal(pp.head(dec, x), pp.run(pruner.dec, ids, mask))  # the prompt ran dense
+    assert any(blk.kept is not None for blk in dec.blocks)  # ... and decoding will not
+    dense = pp.generate(model, ids, mask, max_new_tokens=8)
+    out = pruner.generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(out[:, :11], dense[:, :11])  # the first new token comes from the dense prompt
+
+
+def whole_prompt_choice(dec, history, ids, mask, cfg, n_keep):
+    """The units PP's dense prefill should keep, by the paper's literal formulas in float64: per
+    pruned block, the mean z^2 over the real samples at each prompt position, fused with the history
+    there, summed over positions with a real token, scored by ||c_j W[:, j]^2||_2."""
+    states = {}
+    pp.run(dec, ids, mask, observe=lambda b, blk, h, z, ctx: states.setdefault(b, z.double()))
+    real = mask.bool().double()  # (B, T)
+    kept = {}
+    for b, keep in n_keep.items():
+        z, H = states[b], history[b][:ids.shape[1]].double()
+        n = real.sum(0)  # (T,)
+        p = ((z ** 2) * real[..., None]).sum(0) / n.clamp(min=1)[:, None]  # (T, Cz)
+        c = (papers_fuse(p, H) * (n > 0)[:, None]).sum(0)  # (Cz,)
+        w = dec.blocks[b].out.weight.double()
+        unit = dec.blocks[b].unit
+        scores = (c * (w ** 2).norm(dim=0)).view(-1, unit).norm(dim=-1)
+        kept[b] = scores.topk(keep).indices.sort().values
+    return kept, states
+
+
+def test_dense_prefill_keeps_the_whole_prompts_top_units_and_updates_every_channel():
+    model = make_model("llama-mha")
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, prefill="dense")
+    pruner = calibrated(model, cfg)
+    before = {b: h.clone() for b, h in pruner.history.items()}
+    expected, states = whole_prompt_choice(pruner.dec, before, ids, mask, cfg, pruner.n_keep)
+    _, dec = pruner.prefill(ids, mask, pp.KVCache(16))
+    for b, units in expected.items():
+        blk = dec.blocks[b]
+        assert torch.equal(blk.kept, pp.unit_channels(units, blk.unit))
+        # Every channel ran on the prompt, so the EMA takes in all of them at the real positions.
+        real = mask.bool().double()
+        mean = ((states[b] ** 2) * real[..., None]).sum(0) / real.sum(0)[:, None]
+        T = ids.shape[1]
+        torch.testing.assert_close(pruner.history[b][:T].double(), 0.99 * before[b][:T].double() + 0.01 * mean)
+        assert torch.equal(pruner.history[b][T:], before[b][T:])
+
+
+class InnerRecorder:
+    """Records (block, tokens per sample, width of z) of every block's inner() call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for cls in (pp.Attention, pp.MLP):
+            monkeypatch.setattr(cls, "inner", self.wrap(cls.inner))
+
+    def wrap(self, original):
+        def inner(blk, h, *args, **kw):
+            z = original(blk, h, *args, **kw)
+            self.calls.append((blk, h.shape[1], z.shape[-1]))
+            return z
+        return inner
+
+
+def test_dense_prefill_decodes_on_its_slices_and_cuts_mha_caches_to_the_kept_heads(monkeypatch):
+    model = make_model("llama-mha")  # 4 heads of 16 channels: k/v are pruned with q
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1, prefill="dense"))
+    cache, dense_cache = pp.KVCache(14), pp.KVCache(14)
+    _, dec = pruner.prefill(ids, mask, cache)
+    pp.prefill(pruner.dec, ids, mask, dense_cache)
+    for b, blk in enumerate(dec.blocks):
+        if isinstance(blk, pp.Attention) and b in pruner.n_keep:
+            heads = blk.kept[::16] // 16
+            assert len(heads) == pruner.n_keep[b] == 2
+            for mine, full in ((cache.layers[b].k, dense_cache.layers[b].k), (cache.layers[b].v, dense_cache.layers[b].v)):
+                assert mine.shape == (3, 2, 14, 16)
+                assert torch.equal(mine[:, :, :10], full[:, heads, :10])  # the dense prompt's k/v, cut once
+    assert cache.layers[0].k.shape == (3, 4, 14, 16)  # a dense layer keeps every head
+    steps = InnerRecorder(monkeypatch)
+    token = torch.full((3,), 5)
+    for _ in range(4):
+        token = pp.decode_step(dec, cache, token).argmax(-1)
+    assert len(steps.calls) == 4 * len(dec.blocks)
+    for blk, n_tokens, width in steps.calls:  # each step runs on the block the prompt chose
+        assert n_tokens == 1 and any(blk is chosen for chosen in dec.blocks) and width == blk.out.weight.shape[1]
+    assert {b: dec.blocks[b].out.weight.shape[1] for b in pruner.n_keep} == {
+        b: n * dec.blocks[b].unit for b, n in pruner.n_keep.items()}
+
+
+def test_griffin_scores_match_a_hand_computation():
+    z = torch.tensor([[[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]],
+                      [[0.0, 0.0, 2.0], [6.0, 8.0, 0.0]]])  # (B=2, T=2, 3 neurons)
+    mask = torch.tensor([[True, True], [True, False]])  # sample 1's second token is padding
+    # Rows over the neurons: (0.6, 0.8, 0), (1, 0, 0), (0, 0, 1); the padded row drops out.
+    # Column norms: sqrt(0.36 + 1), sqrt(0.64), sqrt(1).
+    expected = torch.tensor([math.sqrt(1.36), 0.8, 1.0])
+    torch.testing.assert_close(bl.griffin_scores(z, mask, padded=True), expected)
+    torch.testing.assert_close(bl.griffin_scores(z[:1], mask[:1], padded=False), torch.tensor([math.sqrt(1.36), 0.8, 0.0]))
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "opt-pre-ln"])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_griffin_keeps_as_many_neurons_as_pps_decoded_weights(name, multiple):
+    dec = pp.read_weights(make_model(name))
+    cfg = pp.PPConfig(ratio=0.2, dense_layers=1, mlp_multiple=multiple)
+    n_keep, counts = pp.kept_counts(dec, cfg), bl.griffin_counts(dec, cfg)
+    weights = lambda blocks: sum(lin.weight.numel() for blk in blocks for lin in pp.block_linears(blk))
+    assert counts and set(counts) == {b for b in n_keep if isinstance(dec.blocks[b], pp.MLP)}
+    for b, n in counts.items():
+        attn, mlp = dec.blocks[b - 1], dec.blocks[b]
+        heads = torch.arange(n_keep[b - 1])
+        pp_weights = weights([attn.keep(heads), mlp.keep(torch.arange(n_keep[b]))])
+        per_channel = len(pp.block_linears(mlp)) * mlp.out.weight.shape[0]
+        griffin = weights([attn, mlp.keep(torch.arange(n))])
+        # The fewest neurons, in multiples, that decode at least PP's weights per token.
+        assert n % multiple == 0 and pp_weights <= griffin < pp_weights + multiple * per_channel
+
+
+def test_griffin_refuses_a_ratio_no_neuron_count_can_match():
+    dec = pp.read_weights(make_model("opt-pre-ln"))  # MLP 96 = 1.5 x hidden: two pruned heads outweigh it
+    with pytest.raises(ValueError, match="no neuron count matches PP's decoding"):
+        bl.griffin_counts(dec, pp.PPConfig(ratio=0.4, dense_layers=1))
+
+
+def test_griffin_counts_on_smollm2(smollm2):
+    dec = pp.read_weights(smollm2[0])
+    # PP at 0.4: 5 of 9 heads and 856 of 1536 channels (multiple 8) per pruned layer; the 4 pruned
+    # heads hold 4 x 2 x 64 x 576 weights (q and o; GQA keeps k/v), 170.7 channels' worth.
+    assert set(bl.griffin_counts(dec, pp.PPConfig(0.4, mlp_multiple=8)).values()) == {688}
+    assert set(bl.griffin_counts(dec, pp.PPConfig(0.4, mlp_multiple=64)).values()) == {768}
+
+
+def test_griffin_runs_the_prompt_dense_and_decodes_on_its_neurons():
+    model = make_model("llama-gqa")
+    dec = pp.read_weights(model)
+    ids, mask = left_padded_prompts(model.config.vocab_size)
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+    x, pruned = bl.griffin_prefill(dec, cfg)(ids, mask, pp.KVCache(14))
+    assert torch.equal(pp.head(pruned, x), pp.run(dec, ids, mask))
+    counts = bl.griffin_counts(dec, cfg)
+    states = {}
+    pp.run(dec, ids, mask, observe=lambda b, blk, h, z, ctx: states.setdefault(b, z))
+    for b, blk in enumerate(pruned.blocks):
+        if b in counts:
+            assert blk.w1.weight.shape[0] == counts[b]
+            assert torch.equal(blk.kept, bl.griffin_scores(states[b], mask.bool()).topk(counts[b]).indices.sort().values)
+        else:
+            assert blk is dec.blocks[b]  # attention and the dense layers stay whole
 
 
 # -----------------------------------------------------------------------------------------
