@@ -27,7 +27,8 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -657,6 +658,8 @@ class Row:
     prr: float | None = None  # PPL increase per unit of relative runtime reduction
     peak_mem_gib: float | None = None  # CUDA: the most memory allocated on one GPU during the run
     round_seconds: list[float] = field(default_factory=list)  # each round's seconds (--rounds)
+    round_speedups: list[float] = field(default_factory=list)  # each round's against dense's same round
+    round_prr: list[float | None] = field(default_factory=list)  # ... and its PRR (None: not faster)
     tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n"}
     avg_acc: float | None = None  # mean over the tasks of acc_norm where defined, else acc
     tasks_seconds: float | None = None  # wall time of the whole zero-shot evaluation
@@ -807,17 +810,19 @@ RECOVERY_SUFFIX = "+rec"  # second-moment with --recovery
 def header(width: int) -> str:
     """Header of the perplexity table, its method column `width` wide."""
     return (f"{'method':<{width}} {'ratio':>5} {'ppl':>9} {'seconds':>8} {'tokens/s':>9} {'speedup':>7} "
-            f"{'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
+            f"{'rounds':>11} {'PRR':>8} {'probe FLOPs':>11} {'peak GiB':>8}")
 
 
 def format_row(r: Row, width: int) -> str:
     """One aligned table line."""
     speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
-    prr = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
+    spread = (f"{min(r.round_speedups):.2f}-{max(r.round_speedups):.2f}x"  # the rounds' range (--rounds)
+              if len(r.round_speedups) > 1 and r.method != "dense" else "")
+    prr_text = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
     probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
     peak = "" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
     return (f"{r.method:<{width}} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
-            f"{speedup:>7} {prr:>8} {probe:>11} {peak:>8}")
+            f"{speedup:>7} {spread:>11} {prr_text:>8} {probe:>11} {peak:>8}")
 
 
 def task_width(name: str) -> int:
@@ -947,13 +952,15 @@ def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> C
         return calib
     calib = calib._replace(batches=calibration_batches(args, tokenizer, docs["calib"]))
     if uses_history(args):  # kept on the CPU; each pruner copies it to its blocks' devices
-        history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
+        with reported_step("PP history"):
+            history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
         calib = calib._replace(history=[h.cpu() for h in history])
     wanted = {name: baselines.METHODS[name] for name in args.method if name in baselines.METHODS}
     if any(m.score is not None for m in wanted.values()):
         similarity = any(m.similarity for m in wanted.values())
-        calib = calib._replace(stats=baselines.collect_stats(dec, progress(calib.batches, "calibration (baselines)"),
-                                                             similarity))
+        with reported_step("baselines' statistics"):
+            calib = calib._replace(stats=baselines.collect_stats(
+                dec, progress(calib.batches, "calibration (baselines)"), similarity))
     for name, method in wanted.items():
         ids = None
         if method.gradient is not None:  # its own windows, from the same documents and seed
@@ -963,8 +970,44 @@ def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> C
             per_pass = min(n, args.grad_batch or baselines.default_grad_batch(seqlen))
             print(f"# {name}: gradients over {n} calibration windows of {seqlen} tokens, "
                   f"{per_pass} per backward pass", flush=True)
-        calib.scores[name] = baselines.unit_scores(dec, method, calib.stats, ids, args.grad_batch)
+        with reported_step(f"{name} scores"):
+            calib.scores[name] = baselines.unit_scores(dec, method, calib.stats, ids, args.grad_batch)
     return calib
+
+
+@contextmanager
+def reported_step(what: str) -> Iterator[None]:
+    """Print a calibration step's wall time and its peak memory (GPU, or resident on Linux)."""
+    synchronize()
+    reset_peak_memory()
+    before = resident_gib("VmRSS") if reset_peak_resident() else None
+    start = time.perf_counter()
+    yield
+    synchronize()
+    seconds, peak = time.perf_counter() - start, peak_memory_gib()
+    where = (f", peak GPU memory {peak:.2f} GiB" if peak is not None else "" if before is None else
+             f", resident memory {before:.2f} GiB before, peak {resident_gib('VmHWM'):.2f} GiB during it")
+    print(f"# calibration: {what} in {seconds:.1f} s{where}", flush=True)
+
+
+PROC_STATUS, PROC_CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"  # Linux only
+
+
+def resident_gib(field: str) -> float:
+    """This process's resident memory now (VmRSS) or its high-water mark (VmHWM), in GiB."""
+    with open(PROC_STATUS) as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib / 2**20
+
+
+def reset_peak_resident() -> bool:
+    """Restart the resident high-water mark at the current size (Linux >= 4.0); False where it cannot."""
+    try:
+        with open(PROC_CLEAR_REFS, "w") as f:
+            f.write("5")  # 5: reset VmHWM (proc(5))
+        return True
+    except OSError:
+        return False
 
 
 def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[tuple[str, float]],
@@ -1183,10 +1226,14 @@ def plot_rows(rows: list[Row], variants: dict[str, dict], path: str) -> None:
         marker = "*" if r.method == "pp" else "^" if r.method in variants else "o"
         color = plt.cm.tab10(methods.index(r.method) % 10)  # one color per method, across ratios
         ax.scatter(r.speedup, r.ppl, marker=marker, s=90 if marker == "*" else 40, color=color)
+        if len(r.round_speedups) > 1 and r.method != "dense":  # the rounds' range of speedups
+            lo, hi = min(r.round_speedups), max(r.round_speedups)
+            ax.errorbar(r.speedup, r.ppl, xerr=[[r.speedup - lo], [hi - r.speedup]], fmt="none", color=color,
+                        alpha=0.6, capsize=2, linewidth=1)
         ax.annotate(f"{r.method} {r.ratio:g}", (r.speedup, r.ppl), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set(xlabel="speedup over dense (same run)", ylabel="WikiText-2 perplexity (log)", yscale="log",
-           title="quality against speed: lower right is better")
+           title="quality against speed: lower right is better (bars: the rounds' range)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1194,13 +1241,20 @@ def plot_rows(rows: list[Row], variants: dict[str, dict], path: str) -> None:
 
 
 def finish(row: Row, dense: Row | None) -> None:
-    """Speedup and PRR against the dense row of the same run."""
+    """Speedup and PRR against the dense row of the same run: of the medians, and round by round."""
     if dense is None:
         return
     row.speedup = dense.seconds / row.seconds
-    # PRR (the paper's performance degradation per unit of runtime reduction):
-    # (PPL - PPL_dense) / (1 - time / time_dense); undefined when nothing got faster.
-    row.prr = (row.ppl - dense.ppl) / (1 - row.seconds / dense.seconds) if row.seconds < dense.seconds else None
+    row.prr = prr(row.ppl, row.seconds, dense.ppl, dense.seconds)
+    # Round i of every method ran in the same pass, so it is compared with dense's round i.
+    row.round_speedups = [d / s for d, s in zip(dense.round_seconds, row.round_seconds)]
+    row.round_prr = [prr(row.ppl, s, dense.ppl, d) for d, s in zip(dense.round_seconds, row.round_seconds)]
+
+
+def prr(ppl: float, seconds: float, dense_ppl: float, dense_seconds: float) -> float | None:
+    """The paper's PRR, perplexity increase per unit of relative runtime reduction:
+    (PPL - PPL_dense) / (1 - time / time_dense); None (undefined) when nothing got faster."""
+    return (ppl - dense_ppl) / (1 - seconds / dense_seconds) if seconds < dense_seconds else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -448,6 +448,22 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
     # by default as many windows per backward pass as fit in 640 tokens
     assert "llm-pruner: gradients over 10 calibration windows of 64 tokens, 10 per backward pass" in out
     assert "loraprune: gradients over 10 calibration windows of 128 tokens, 5 per backward pass" in out
+    # each calibration step reports its time and the peak memory so far, in the order it ran
+    steps = [line.split(" in ")[0] for line in out.splitlines() if line.startswith("# calibration: ") and " s, " in line]
+    assert steps == ["# calibration: " + s for s in ("PP history", "baselines' statistics", "wanda-sp scores",
+                                                      "flap scores", "second-moment scores", "llm-pruner scores",
+                                                      "loraprune scores")]
+    assert "GiB before, peak" in out  # resident memory, as Linux reports it
+
+
+def test_resident_memory_peak_restarts_for_each_calibration_step():
+    import mmap
+    block = mmap.mmap(-1, 2**28)  # 256 MiB of our own pages, whatever the allocator keeps
+    block.write(b"x" * 2**28)  # every page touched: resident
+    block.close()  # and returned to the OS: the high-water mark stays up
+    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") > 0.2
+    assert ev.reset_peak_resident()
+    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") < 0.05  # the next step's peak starts here
 
 
 def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
