@@ -667,6 +667,8 @@ class Row:
     prefill_seconds: float | None = None  # --generate: one prompt batch's prefill (median over --rounds)
     decode_tokens_per_s: float | None = None  # --generate: new tokens per second at --batch-size
     decode_tokens_per_s_b1: float | None = None  # ... and at batch 1
+    round_decode_tokens_per_s: list[float] = field(default_factory=list)  # each round's (--rounds)
+    round_decode_tokens_per_s_b1: list[float] = field(default_factory=list)
 
 
 def synchronize() -> None:
@@ -1200,6 +1202,8 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             row.prefill_seconds = statistics.median(r.prefill_seconds / r.n_timed for r in runs)
             row.decode_tokens_per_s = g.decode_tokens / statistics.median(r.decode_seconds for r in runs)
             row.decode_tokens_per_s_b1 = g.b1_tokens / statistics.median(r.b1_seconds for r in runs)
+            row.round_decode_tokens_per_s = [g.decode_tokens / r.decode_seconds for r in runs]
+            row.round_decode_tokens_per_s_b1 = [g.b1_tokens / r.b1_seconds for r in runs]
             if rnd == args.rounds - 1:
                 dense = rows.get(("dense", 0.0)) if "dense" in args.method else None
                 print(format_gen_row(row, dense, args.width), flush=True)

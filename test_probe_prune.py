@@ -1469,7 +1469,7 @@ def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_pa
                              "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp", "wanda-sp",
                              "griffin", "--pp-variant", "prefill=probe",
                              "--seqlen", "64", "--batch-size", "4", "--max-batches", "2", "--nsamples", "4",
-                             "--generate", "12", "--prompt-len", "32", "--show", "1",
+                             "--generate", "12", "--prompt-len", "32", "--show", "1", "--rounds", "2",
                              "--json", str(results))
     assert code == 0, err
     rows = json.loads(results.read_text())
@@ -1477,6 +1477,9 @@ def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_pa
     for r in rows:
         assert math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
         assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b1"] > 0
+        for key in ("decode_tokens_per_s", "decode_tokens_per_s_b1"):  # each round's, the median within them
+            rounds = r["round_" + key]
+            assert len(rounds) == 2 and min(rounds) <= r[key] * (1 + 1e-9) and r[key] <= max(rounds) * (1 + 1e-9)
         # Perplexity rows for the batch methods only: GRIFFIN and dense prefill structure prompts.
         assert (r["ppl"] is None) == (r["method"] in ("griffin", "pp[prefill=probe]"))
     assert "# prompt 1" in out and "#   pp 0.4:" in out and "32 prompt + 12 new tokens" in out
