@@ -725,15 +725,32 @@ def square_sum_one_pass(z: Tensor, mask: Tensor, padded: bool) -> Tensor:
     return torch.linalg.vector_norm(z * mask[..., None] if padded else z, dim=0, dtype=torch.float32).square()
 
 
+ACCUMULATOR_TILE_BYTES = 2**20  # square_sum_by_sample's tile of its fp32 accumulator (CPU L2 blocking)
+
+
 def square_sum_by_sample(z: Tensor, mask: Tensor, padded: bool) -> Tensor:
     """square_sums' (T, Cz) on the CPU: each sample's squares added into an fp32 accumulator."""
     # The CPU's reduction kernels are slow over the outermost dimension (SmolLM2's 20 x 512 x 1216
     # bf16 MLP states: vector_norm 148 ms, this loop 3 ms). On a GPU each addition would reread and
     # rewrite the whole accumulator, B times the traffic of the one pass.
-    s = torch.zeros(z.shape[1:], dtype=torch.float32, device=z.device)  # (T, Cz)
-    for zb, mb in zip(z, mask):  # (T, Cz), (T,)
-        zb = zb.float()  # a view for fp32 z; a (T, Cz) copy for bf16/fp16 (faster than mixed dtypes)
-        s.addcmul_(zb * mb[:, None] if padded else zb, zb)  # padding adds 0
+    T, Cz = z.shape[1:]
+    s = torch.zeros(T, Cz, dtype=torch.float32, device=z.device)
+    # Cache blocking, where each addition makes an fp32 temporary (the copy of a bf16/fp16 sample,
+    # or the masked product): the accumulator is filled a tile of tokens at a time, so that the
+    # tile and the temporary stay in a core's L2 cache while all B samples are added into it. A
+    # fixed handful of tiles, not a loop over tokens. On this CPU (2 MB L2 per core) 1 MB tiles
+    # cut Qwen2.5-1.5B's 20 x 512 x 4992 bf16 MLP states from 13.2 ms to 8.2 ms (padded fp32: 22.4
+    # to 13.6 ms); without a temporary (unpadded fp32) whole rows are as fast.
+    temporary = z.dtype != torch.float32 or padded
+    rows = max(1, ACCUMULATOR_TILE_BYTES // (4 * Cz)) if temporary else T
+    # bf16/fp16: each sample is copied into one reused fp32 buffer (faster than mixed-dtype
+    # arithmetic, and than a fresh fp32 copy per sample).
+    buf = None if z.dtype == torch.float32 else torch.empty(min(rows, T), Cz, dtype=torch.float32, device=z.device)
+    for t in range(0, T, rows):
+        st = s[t:t + rows]  # (rows, Cz) a view
+        for zb, mb in zip(z[:, t:t + rows], mask[:, t:t + rows]):  # (rows, Cz), (rows,)
+            zb = zb if buf is None else buf[:len(st)].copy_(zb)
+            st.addcmul_(zb * mb[:, None] if padded else zb, zb)  # padding adds 0
     return s
 
 

@@ -899,6 +899,19 @@ def test_square_sums_equal_a_float64_reference_in_half_precision(dtype, sums, pa
     assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_square_sums_by_token_tiles_cover_every_token(monkeypatch, dtype, padded):
+    # Tiles of 5 tokens (5 x 48 fp32) over 32 tokens: six full tiles and a ragged last one of 2.
+    monkeypatch.setattr(pp, "ACCUMULATOR_TILE_BYTES", 5 * 48 * 4)
+    torch.manual_seed(0)
+    z = torch.randn(6, 32, 48).to(dtype)
+    mask = torch.rand(6, 32) > 0.3 if padded else torch.ones(6, 32, dtype=torch.bool)
+    reference = (z.double() * mask[..., None]).square().sum(0)
+    s = pp.square_sum_by_sample(z, mask, padded)
+    assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-6), (torch.bfloat16, 2 ** -8)])
 def test_residual_importance_in_half_precision(dtype, tolerance):
     torch.manual_seed(0)
