@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "float16 for LLaMA-2, bfloat16 for LLaMA-3 and Qwen2.5; bfloat16 where none is "
                         "recorded, float16 on GPUs without bfloat16); on the CPU bfloat16 if the CPU has "
                         "bfloat16 matrix instructions and a bfloat16 matmul is measured faster than a "
-                        "float32 one, else float32")
+                        "float32 one, else float32. An explicit float16 or bfloat16 that this CPU only "
+                        "emulates (a matmul over 4x slower than float32) runs, with a one-line warning")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every method this many times, interleaved; report the median")
     p.add_argument("--profile", action="store_true",
@@ -302,6 +303,22 @@ def matmul_seconds(dtype: torch.dtype) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return best
+
+
+EMULATED_SLOWDOWN = 4  # a half-precision matmul this many times slower than fp32 has no matrix units behind it
+
+
+def warn_if_emulated(device: str, dtype: str) -> None:
+    """One line on stderr when the half precision asked for runs its matmuls emulated on this CPU."""
+    # Without fp16 matrix instructions (e.g. an AMD EPYC with AVX512-BF16 only) an fp16 matmul was
+    # measured 70x slower than fp32: a run that looks hung. It still runs: a warning, not an error.
+    if not device.startswith("cpu") or dtype == "float32":
+        return
+    slowdown = matmul_seconds(DTYPES[dtype]) / matmul_seconds(torch.float32)
+    if slowdown > EMULATED_SLOWDOWN:
+        print(f"eval.py: warning: a {dtype} matmul runs {slowdown:.0f}x slower than float32 on this CPU "
+              f"(no {dtype} matrix instructions): expect a very slow run; --dtype auto picks the faster one",
+              file=sys.stderr)
 
 
 def default_mlp_multiple(device: str, dtype: str) -> int:
@@ -1280,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pruned / 2**10:.1f} KiB at ratio {cfg.ratio}"
                   + (" (GQA: k/v heads are never pruned)" if dense == pruned else " (the kept heads' only)"))
             return 0
+        warn_if_emulated(args.device, args.dtype)
         needs_calib = set(args.method) & set(baselines.METHODS) or uses_history(args)
         wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}

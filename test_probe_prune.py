@@ -1860,6 +1860,19 @@ def test_cpu_profile_times_every_stage_by_the_wall_clock():
     assert isinstance(pp.stage(pp.STAGES[0]), torch.profiler.record_function)
 
 
+@pytest.mark.parametrize("device,fp16_seconds,warned", [("cpu", 70.0, True), ("cpu", 2.0, False),
+                                                         ("cuda", 70.0, False)])
+def test_emulated_half_precision_on_the_cpu_is_a_one_line_warning(monkeypatch, capsys, device, fp16_seconds,
+                                                                  warned):
+    monkeypatch.setattr(ev, "matmul_seconds", lambda dtype: fp16_seconds if dtype == torch.float16 else 1.0)
+    ev.warn_if_emulated(device, "float16")
+    ev.warn_if_emulated(device, "float32")  # full precision is never measured against itself
+    err = capsys.readouterr().err
+    assert err == ("eval.py: warning: a float16 matmul runs 70x slower than float32 on this CPU (no float16 "
+                   "matrix instructions): expect a very slow run; --dtype auto picks the faster one\n"
+                   if warned else "")
+
+
 def test_bf16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
