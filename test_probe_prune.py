@@ -80,6 +80,23 @@ def test_dense_forward_matches_transformers(name, padding):
     assert (out[real] - ref[real]).abs().max().item() <= 1e-4  # padding positions are don't-care
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "llama3-rope-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_bit_identical_to_transformers(name, dtype):
+    # `make_context`'s tables and `rotate` give exactly transformers' x cos + rotate_half(x) sin, at
+    # the true positions of a padded batch, with LLaMA-3's frequency scaling, in fp32 and bf16.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    model = make_model(name, dtype)
+    _, mask = padded_batch(model.config.vocab_size)
+    dec = pp.read_weights(model)
+    ctx = pp.make_context(dec, mask.bool(), pp.positions(mask.bool()), padded=True)
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), ctx.pos)  # (B, T, hd) each
+    torch.manual_seed(0)
+    q, k = torch.randn(3, 8, 20, 8).to(dtype), torch.randn(3, 2, 20, 8).to(dtype)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(pp.rotate(q, *ctx.rope), ref_q) and torch.equal(pp.rotate(k, *ctx.rope), ref_k)
+
+
 def test_unsupported_architecture_is_named():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*LLaMA.*OPT"):
