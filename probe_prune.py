@@ -1065,8 +1065,29 @@ def start_decoding(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Ten
 
 def decode_step(dec: Decoder, cache: KVCache, token: Tensor) -> Tensor:
     """Next-token logits (B, V) after one more token per sample (B,) through the cache."""
-    x = run(dec, token[:, None], cache=cache, logits=False)  # (B, 1, C)
-    return head(dec, x[:, -1])
+    with one_row_products(token):
+        x = run(dec, token[:, None], cache=cache, logits=False)  # (B, 1, C)
+        return head(dec, x[:, -1])
+
+
+@contextmanager
+def one_row_products(token: Tensor) -> Iterator[None]:
+    """Within the block, a batch of one token (B = 1: every product a matrix-vector product) skips
+    oneDNN on the CPU for PyTorch's own matrix-vector kernels."""
+    # oneDNN, which runs the CPU's bf16 matmuls, costs ~20 us a product to set up: more than
+    # PyTorch's gemv takes for a whole small layer (bf16, weights read from memory: SmolLM2's
+    # 576 x 576 64 -> 31 us, its LM head 3.4 -> 1.7 ms, Qwen2.5-1.5B's 8960 x 1536 1.35 -> 0.85 ms).
+    # At 2 rows it depends on the shape, and from 4 rows on oneDNN is faster (up to 1.6x), so batches
+    # keep it. fp32 and fp16 one-row products ran no differently without oneDNN on the AMD EPYC of
+    # the README; a GPU never uses it.
+    if token.device.type != "cpu" or token.numel() != 1 or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def decode(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -1,4 +1,5 @@
 """Tests for probe_prune.py and eval.py: dense parity, slicing, the PP stages, a real model, the CLI."""
+import contextlib
 import json
 import math
 import os
@@ -1428,6 +1429,27 @@ def test_one_token_attention_under_gqa_equals_each_head_attending_alone(heads):
         scores = (q[:, i, 0, None, :] * k[:, h // group]).sum(-1) / math.sqrt(hd)  # (B, T)
         p = scores.masked_fill(~mask, -math.inf).softmax(-1)
         torch.testing.assert_close(out[:, i, 0], (p[..., None] * v[:, h // group]).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_one_decoding_skips_onednn_and_keeps_its_tokens(monkeypatch):
+    """A one-token batch runs its products without oneDNN on the CPU, batches keep it, the flag
+    comes back even after an error, and bf16 decoding gives the tokens it gives with oneDNN."""
+    seen = []
+    for token in (torch.tensor([3]), torch.tensor([3, 4])):
+        with pp.one_row_products(token):
+            seen.append(torch.backends.mkldnn.enabled)
+    assert seen == [False, True] and torch.backends.mkldnn.enabled
+    with pytest.raises(KeyError), pp.one_row_products(torch.tensor([3])):
+        raise KeyError
+    assert torch.backends.mkldnn.enabled
+    dec = pp.read_weights(make_model("llama-gqa", torch.bfloat16))
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    real_head, in_step = pp.head, []
+    monkeypatch.setattr(pp, "head", lambda d, x: in_step.append(torch.backends.mkldnn.enabled) or real_head(d, x))
+    gemv = pp.decode(partial(pp.prefill, dec), ids, max_new_tokens=16)
+    assert in_step[1:] == [False] * 15  # every decode step (the first head call is the prompt's)
+    monkeypatch.setattr(pp, "one_row_products", lambda token: contextlib.nullcontext())
+    assert torch.equal(pp.decode(partial(pp.prefill, dec), ids, max_new_tokens=16), gemv)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln"])
