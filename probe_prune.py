@@ -266,7 +266,7 @@ class Context(NamedTuple):
 
     mask: Tensor  # (B, T) bool, True at real tokens
     pos: Tensor  # (B, T) position of each token
-    rope: tuple[Tensor, Tensor] | None  # cos, sin: (B, T, hd) each; None without RoPE (OPT)
+    rope: tuple[Tensor, Tensor] | None  # cos, signed sin (`rotate`): (B, T, hd) each; None without RoPE (OPT)
     attn_mask: Tensor | None  # (B, 1, T, T_past + T) bool, True = may attend; None = plain causal
 
     def to(self, device: torch.device) -> Context:
@@ -365,10 +365,14 @@ class Attention:
         return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), heads=heads, kept=ch)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE (cos, sin: (B, T, hd)) to x (B, nh, T, hd) in transformers' rotate-half layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Apply RoPE (cos, signed sin: (B, T, hd)) to x (B, nh, T, hd) in transformers' rotate-half
+    layout: x cos + (-x2, x1) sin for x's halves x1, x2."""
+    # (-x2, x1) sin = (x2, x1) (-sin, sin): one flip swaps the halves and the sign lives in the
+    # table. The same bits in fewer ops: on the CPU in bf16, 0.4-0.55 ms of a SmolLM2 decoding step
+    # (~3%), and 4.4 -> 3.6 ms for the queries of a 20 x 512 batch.
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos[:, None] + swapped * signed_sin[:, None]
 
 
 @dataclass
@@ -503,8 +507,9 @@ def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool, past: Te
     if dec.rope is not None:
         inv_freq, scale = dec.rope
         freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        rope = ((angles.cos() * scale).to(dec.embed.dtype), (angles.sin() * scale).to(dec.embed.dtype))
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale  # (B, T, hd/2) each
+        dtype = dec.embed.dtype
+        rope = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype))  # `rotate`'s
     full = mask if past is None else torch.cat((past, mask), dim=1)  # (B, T_past + T)
     # SDPA's is_causal puts the first query on the first key, so new tokens after cached ones need
     # a mask (one new token needs none: it sees every key).
