@@ -17,7 +17,8 @@ it runs the same forward as PP (`probe_prune.run`) on smaller matrices. They pru
   activations choose the neurons every generated token runs on; attention stays dense.
 
 Reading order: calibration statistics, similar heads, the statistics-based scores, the gradient
-scores, the method table, choosing and slicing, the optional recovery, GRIFFIN.
+scores (each method's element importance, then the micro-batched backward pass that calls it), the
+method table, choosing and slicing, the optional recovery, GRIFFIN.
 """
 from __future__ import annotations
 
@@ -164,14 +165,12 @@ def wanda_sp_scores(blk: pp.Block, st: Stats) -> Tensor:
 
 
 def flap_scores(blk: pp.Block, st: Stats, square_attention: bool = False) -> Tensor:
-    """FLAP's WIFV: fluctuation Var(X_j) * ||W[:, j]||^2, standardized within the block."""
+    """FLAP's WIFV: s_j = Var(X_j) * ||W[:, j]||^2, standardized (s - mean(s)) / std(s) within the block."""
     s = st.var * blk.out.weight.float().square().sum(0)
-    # FLAP's own code squares the o_proj scores once more (square_attention=True); the PP
-    # authors' FLAP, whose numbers the PP paper reports, does not, and neither do we by default.
+    # FLAP's own code squares o_proj's scores again; the PP authors' FLAP, whose numbers PP reports, does not.
     if square_attention and isinstance(blk, pp.Attention):
         s = s.square()
-    # Standardizing each block's scores (zero mean, unit std) is what lets FLAP rank attention
-    # heads against MLP channels of every layer in one list; a head is the mean of its channels.
+    # Standardized so that one ranking can set heads against channels of every layer; a head is its channels' mean.
     return per_unit((s - s.mean()) / s.std(), blk, torch.mean)
 
 
@@ -184,13 +183,11 @@ def second_moment_scores(blk: pp.Block, st: Stats) -> Tensor:
     """Second-moment score M_j = ||B_j||^2 * A_j^T Sigma A_j of the depth-2 module B act(A x)."""
     b_norm = blk.out.weight.float().square().sum(0)  # ||B_j||^2 (Cz,)
     if isinstance(blk, pp.Attention):
-        # A head is (W_O^h)(W_V^h x~) on the attention-mixed input x~ (Appendix B.1); A_j^T Sigma_x~ A_j
-        # is the second moment of the j-th attention output, i.e. E[z_j^2] at o_proj's input.
+        # Appendix B.1: a head is W_O^h W_V^h x~ on the attention-mixed x~, so A_j^T Sigma A_j = E[z_j^2].
         scores = per_unit(b_norm * st.z_sq / st.n, blk)
         if st.head_div is None:
             return scores
-        # Sec. 3.2.2: heads alike another are pruned before heads with small scores. Lifting every
-        # other head above the best candidate keeps the score order within each of the two groups.
+        # Sec. 3.2.2: alike heads go before any other; lifting the others above them keeps each group's order.
         candidate = similar_heads(st.head_div / st.head_rows, SIMILARITY_TAU)
         return scores + (~candidate) * (scores.max() - scores.min() + 1)
 
@@ -205,31 +202,43 @@ def second_moment_scores(blk: pp.Block, st: Stats) -> Tensor:
     act_score = 0.5 * b_norm * moment(blk.w1)  # 1/2: a ReLU-like activation halves the moment (eq. 3)
     if blk.w3 is None:
         return act_score
-    # Appendix B.2: the gated module W_D (W_U x * act(W_G x)) is scored as the product of the
-    # scores of its two depth-2 modules W_D act(W_G x) and W_D W_U x.
+    # Appendix B.2: a gated W_D (W_U x * act(W_G x)) scores as W_D act(W_G x)'s score times W_D W_U x's.
     return act_score * (b_norm * moment(blk.w3))
 
 
 # -----------------------------------------------------------------------------------------
 # Gradient scores: LLM-Pruner and LoRAPrune without their LoRA fine-tuning
+#
+# First each method's importance of a weight's elements, as its paper writes it (* element-wise,
+# juxtaposition a matrix product); then the micro-batched backward pass that calls them.
 
 
-def sliced_linears(blk: pp.Block) -> list[tuple[str, int]]:
-    """(field, axis) of each linear the block slices: a unit's weights are rows (0) or columns (1)."""
-    if isinstance(blk, pp.MLP):
-        fields = [("w1", 0), ("w3", 0), ("w2", 1)]
-    elif blk.group == 1:
-        fields = [("wq", 0), ("wk", 0), ("wv", 0), ("wo", 1)]
-    else:  # GQA: a k/v head serves several query heads, so k/v stay whole
-        fields = [("wq", 0), ("wo", 1)]
-    return [(name, axis) for name, axis in fields if getattr(blk, name) is not None]
+def taylor_importance(w: Tensor, g: Tensor) -> Tensor:
+    """LLM-Pruner's element-wise first-order Taylor importance |W * dL/dW| (out, in), fp32."""
+    return (w.float() * g.float()).abs()
+
+
+def adapter_grads(g: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """dL/dB (out, r) and dL/dA (r, in) of a LoRA adapter W + scale * B A, from dL/dW (out, in)."""
+    # Chain rule: the adapter adds scale * B A to W, so dL/dB = scale * G A^T, dL/dA = scale * B^T G.
+    # LoRAPrune gets them from the adapters' own backward; from G they are the same numbers.
+    return scale * g @ a.T, scale * b.T @ g
+
+
+def lora_gradient(grad_b: Tensor, grad_a: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """LoRAPrune's estimate of dL/dW (out, in) from the adapters: G_B A + B G_A - G_B G_A."""
+    return grad_b @ a + b @ grad_a - grad_b @ grad_a
+
+
+def lora_importance(w: Tensor, grad_b: Tensor, grad_a: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """LoRAPrune's element-wise importance |(W + s B A) * G_hat| (out, in), G_hat its lora_gradient, fp32."""
+    return ((w.float() + scale * b @ a) * lora_gradient(grad_b, grad_a, a, b)).abs()
 
 
 @dataclass(frozen=True)
 class WeightScorer:
-    """How a gradient method scores one weight W from G = dL/dW. Over micro-batches it sums
-    `project(G)`, which is linear in G, so the sum is the projection of the whole pass's gradient;
-    `finish` turns that sum into one score per weight (out, in), fp32."""
+    """A method's importance of one weight W, split for micro-batches: parts add up `project(G)`,
+    linear in G so that the sum is the whole pass's; `finish(sums)` is the importance (out, in)."""
 
     project: Callable[[Tensor], tuple[Tensor, ...]]
     finish: Callable[[tuple[Tensor, ...]], Tensor]
@@ -247,12 +256,23 @@ def default_grad_batch(window: int) -> int:
     return max(1, GRAD_TOKENS // window)
 
 
+def sliced_linears(blk: pp.Block) -> list[tuple[str, int]]:
+    """(field, axis) of each linear the block slices: a unit's weights are rows (0) or columns (1)."""
+    if isinstance(blk, pp.MLP):
+        fields = [("w1", 0), ("w3", 0), ("w2", 1)]
+    elif blk.group == 1:
+        fields = [("wq", 0), ("wk", 0), ("wv", 0), ("wo", 1)]
+    else:  # GQA: a k/v head serves several query heads, so k/v stay whole
+        fields = [("wq", 0), ("wo", 1)]
+    return [(name, axis) for name, axis in fields if getattr(blk, name) is not None]
+
+
 def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], WeightScorer],
                     normalize: bool = False, batch: int | None = None) -> dict[int, Tensor]:
     """Unit scores of every block from the gradient of the mean next-token loss on `ids` (N, T),
     taken `batch` windows per backward pass (default: all at once): a unit sums its weights'
     scores; `normalize` scales each linear's unit scores to unit L2 norm before a block adds them
-    up. `scorer(W)` says how W's gradient becomes its scores."""
+    up. `scorer(W)` (taylor_scorer, lora_scorer) says how W's gradient becomes its scores."""
     scores: dict[int, Tensor] = {}
     sums: dict[Tensor, tuple[Tensor, ...]] = {}  # leaf -> its projected gradients so far
     blocks = list(dec.blocks)
@@ -295,11 +315,9 @@ def gradient_scores(dec: pp.Decoder, ids: Tensor, scorer: Callable[[Tensor], Wei
 
 
 def taylor_scorer(w: Tensor) -> WeightScorer:
-    """LLM-Pruner's element-wise first-order Taylor importance |W * G|."""
-    # |W * G| is not linear in G, so over several parts the gradient itself is summed, in fp32 (a
-    # bf16/fp16 running sum would round every part away): a model's worth of fp32 gradients, which
-    # one pass (the default) never holds, as each weight's is scored and freed at once.
-    return WeightScorer(project=lambda g: (g.float(),), finish=lambda s: (w.float() * s[0]).abs())
+    """LLM-Pruner's scorer: parts add up the gradient G itself, then taylor_importance(W, G)."""
+    # fp32 sums, lest bf16/fp16 round small parts away; a model's worth of them only with several parts.
+    return WeightScorer(project=lambda g: (g.float(),), finish=lambda s: taylor_importance(w, *s))
 
 
 def taylor_scores(dec: pp.Decoder, ids: Tensor, batch: int | None = None) -> dict[int, Tensor]:
@@ -309,28 +327,19 @@ def taylor_scores(dec: pp.Decoder, ids: Tensor, batch: int | None = None) -> dic
     return gradient_scores(dec, ids, taylor_scorer, batch=batch)
 
 
-def adapter_grads(g: Tensor, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """dL/dB (out, r) and dL/dA (r, in) of a LoRA adapter W + scale * B A, from dL/dW (out, in)."""
-    # Chain rule: the adapter adds scale * B A to W, so dL/dB = scale * G A^T, dL/dA = scale * B^T G.
-    # LoRAPrune gets them from the adapters' own backward; from G they are the same numbers.
-    return scale * g @ a.T, scale * b.T @ g
-
-
-def lora_gradient(grad_b: Tensor, grad_a: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """LoRAPrune's estimate of dL/dW (out, in) from the adapters: G_B A + B G_A - G_B G_A."""
-    return grad_b @ a + b @ grad_a - grad_b @ grad_a
+def lora_adapter(w: Tensor, generator: torch.Generator, rank: int) -> tuple[Tensor, Tensor]:
+    """A fresh rank-r adapter on W as LoRA initializes it: A (r, in) ~ U(+-1/sqrt(in)) (nn.Linear's), B = 0."""
+    out_f, in_f = w.shape
+    a = ((torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)).to(w.device)
+    return a, torch.zeros(out_f, rank, device=w.device)
 
 
 def lora_scorer(w: Tensor, generator: torch.Generator, rank: int = 8, scale: float = 2.0) -> WeightScorer:
-    """LoRAPrune's element scores |(W + s B A) * G_hat| through a fresh rank-r adapter on W."""
-    out_f, in_f = w.shape
-    # A fresh adapter as LoRA initializes it: A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's), B = 0.
-    a = ((torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)).to(w.device)
-    b = torch.zeros(out_f, rank, device=w.device)
-    # The adapters' gradients are linear in G and small (r x (in + out)): parts add them up, as
-    # micro-batches accumulate LoRA's gradients, and G_hat is formed from the sums.
+    """LoRAPrune's scorer through a fresh adapter on W: parts add up only the adapters' small
+    gradients (r x (out + in)), as LoRA's micro-batches would, then lora_importance."""
+    a, b = lora_adapter(w, generator, rank)
     return WeightScorer(project=lambda g: adapter_grads(g.float(), a, b, scale),
-                        finish=lambda s: ((w.float() + scale * b @ a) * lora_gradient(*s, a, b)).abs())
+                        finish=lambda s: lora_importance(w, *s, a, b, scale))
 
 
 def loraprune_scores(dec: pp.Decoder, ids: Tensor, rank: int = 8, alpha: float = 16.0,
@@ -536,13 +545,13 @@ def prune_recovered(dec: pp.Decoder, cfg: pp.PPConfig, batches: Iterable[Tensor]
 # GRIFFIN (Dong et al., COLM 2024): the prompt's own top neurons, for generation only
 
 
-def griffin_scores(z: Tensor, mask: Tensor, padded: bool = True) -> Tensor:
+def griffin_scores(z: Tensor, mask: Tensor) -> Tensor:
     """GRIFFIN's neuron scores (Cz,) from a prompt's MLP states z (B, T, Cz): each token's row
     divided by its L2 norm over the neurons, then each neuron's L2 norm over the real tokens."""
     # GRIFFIN, Sec. 3: z_bar[t] = z[t] / ||z[t]||_2, s_j = ||z_bar[:, j]||_2. Over a batch the
     # tokens of every prompt count alike: one structure per batch, as PP's.
     norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=torch.float32)  # (B, T, 1)
-    s, _ = pp.square_sums(z / norms.clamp(min=torch.finfo(torch.float32).tiny), mask, padded)  # (T, Cz)
+    s, _ = pp.square_sums(z / norms.clamp(min=torch.finfo(torch.float32).tiny), mask)  # (T, Cz)
     return s.sum(0).sqrt()
 
 
@@ -576,7 +585,7 @@ def griffin_prefill(dec: pp.Decoder, cfg: pp.PPConfig) -> pp.PrefillFn:
     def choose(b: int, blk: pp.Block, h: Tensor, z: Tensor, ctx: pp.Context) -> pp.Block:
         if b not in counts:
             return blk
-        scores = griffin_scores(z, ctx.mask, padded=ctx.attn_mask is not None)
+        scores = griffin_scores(z, ctx.mask)
         return blk.keep(pp.top_units(scores, counts[b]))
 
     return partial(pp.dense_prefill, dec, choose=choose)

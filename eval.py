@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -50,6 +50,7 @@ HUB_DATA = {  # name -> (dataset, config or data file, split)
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PROMPT_LEN = 128  # --generate's prompt tokens
+MLP_MULTIPLE = 64  # kept MLP channels rounded up to a multiple of this (the official code's)
 
 
 class UsageError(Exception):
@@ -116,25 +117,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "from its dense states)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw perplexity against speedup over dense for every row (needs matplotlib)")
-    p.add_argument("--mlp-multiple", type=int, default=None,
-                   help="round kept MLP channels up to a multiple, for every method (default: what the "
-                        "device's matmuls were measured to prefer: 64 on CUDA and for float16/bfloat16 on "
-                        "the CPU, 8 for float32 on the CPU)")
+    p.add_argument("--mlp-multiple", type=int, default=MLP_MULTIPLE,
+                   help="round kept MLP channels up to a multiple, for every method, on every device and "
+                        "in every dtype, so one command keeps the same units everywhere (the official "
+                        "code's 64; 1 = no rounding)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default here: %(default)s)")
     p.add_argument("--device-map", choices=("auto",), default=None,
                    help="'auto': spread the model over all visible GPUs with accelerate (big models)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
-                   help="auto: on CUDA the checkpoint's own half precision (its config's dtype: "
-                        "float16 for LLaMA-2, bfloat16 for LLaMA-3 and Qwen2.5; bfloat16 where none is "
-                        "recorded, float16 on GPUs without bfloat16); on the CPU bfloat16 if the CPU has "
-                        "bfloat16 matrix instructions and a bfloat16 matmul is measured faster than a "
-                        "float32 one, else float32. An explicit float16 or bfloat16 that this CPU only "
-                        "emulates (a matmul over 4x slower than float32) runs, with a one-line warning")
+                   help="auto: the checkpoint's dtype, as transformers' dtype='auto' (its config's: "
+                        "float16 for LLaMA-2, bfloat16 for LLaMA-3 and Qwen2.5; float32 where none is "
+                        "recorded, as for a GGUF file), on every device; except where the device reports "
+                        "no native matmul instructions for it (a GPU without bfloat16; a CPU without "
+                        "AVX512-BF16/AMX for bfloat16, without AVX512-FP16/AMX-FP16 for float16), then "
+                        "float32. An explicit float16 or bfloat16 that the CPU lacks runs, emulated and "
+                        "slow, with a one-line warning")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every method this many times, interleaved; report the median")
     p.add_argument("--profile", action="store_true",
-                   help="also print where a PP batch's time goes, stage by stage (torch.profiler)")
+                   help="also print where one PP batch's time goes, stage by stage, in an extra untimed "
+                        "run of the second batch (the first if there is one): on CUDA the GPU time of each "
+                        "stage's kernels (torch.profiler); on the CPU each stage's wall-clock time")
     p.add_argument("--estimate-memory", action="store_true",
                    help="print PP's peak GPU memory for --model, --batch-size, --seqlen, --dtype and the "
                         "first --ratio, computed from the config alone (no weights load), and exit")
@@ -276,69 +280,62 @@ def check_output(path: str, option: str = "--json") -> None:
 
 
 def auto_dtype(config, device: str) -> str:
-    """--dtype auto for a model on a device (see --help)."""
+    """--dtype auto for a model on a device (see --help): the checkpoint's, where the device has it."""
+    saved = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    saved = saved if saved in DTYPES else "float32"
+    return saved if saved in native_dtypes(device) else "float32"
+
+
+def native_dtypes(device: str) -> set[str]:
+    """The dtypes whose matmuls the device runs with its own instructions, as it reports them."""
     if device.startswith("cuda"):
-        saved = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
-        if saved == "float16" or not torch.cuda.is_bf16_supported():
-            # A bf16 checkpoint (LLaMA-3, Qwen2.5) can overflow fp16: on a GPU without bf16, fp32.
-            return "float32" if saved == "bfloat16" else "float16"
-        return "bfloat16"  # a bf16 checkpoint, or an fp32 / unrecorded one (never overflows)
-    return "bfloat16" if cpu_bf16_is_faster() else "float32"
-
-
-def cpu_bf16_is_faster() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AMX, AVX512-BF16) and runs a bf16 matmul faster
-    than an fp32 one (measured: a few ms). Without them bf16 is emulated, several times slower."""
-    has_units = any(getattr(torch.cpu, name, lambda: False)()
-                    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return has_units and matmul_seconds(torch.bfloat16) < matmul_seconds(torch.float32)
-
-
-def matmul_seconds(dtype: torch.dtype) -> float:
-    """The best of a few timings of a (256, 1024) x (1024, 1024) matmul in `dtype`, after a warm-up."""
-    a, b = torch.randn(256, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
-    best = math.inf
-    for _ in range(4):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-EMULATED_SLOWDOWN = 4  # a half-precision matmul this many times slower than fp32 has no matrix units behind it
+        return {"float32", "float16"} | ({"bfloat16"} if torch.cuda.is_bf16_supported(including_emulation=False)
+                                         else set())
+    has = lambda name: getattr(torch.cpu, name, lambda: False)()  # private but stable: cpuinfo's flags
+    native = {"float32"}
+    if has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported"):
+        native.add("bfloat16")
+    if has("_is_amx_fp16_supported") or torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        native.add("float16")
+    return native
 
 
 def warn_if_emulated(device: str, dtype: str) -> None:
-    """One line on stderr when the half precision asked for runs its matmuls emulated on this CPU."""
-    # Without fp16 matrix instructions (e.g. an AMD EPYC with AVX512-BF16 only) an fp16 matmul was
-    # measured 70x slower than fp32: a run that looks hung. It still runs: a warning, not an error.
-    if not device.startswith("cpu") or dtype == "float32":
-        return
-    slowdown = matmul_seconds(DTYPES[dtype]) / matmul_seconds(torch.float32)
-    if slowdown > EMULATED_SLOWDOWN:
-        print(f"eval.py: warning: a {dtype} matmul runs {slowdown:.0f}x slower than float32 on this CPU "
-              f"(no {dtype} matrix instructions): expect a very slow run; --dtype auto picks the faster one",
-              file=sys.stderr)
+    """One line on stderr when an explicit half precision has no matmul instructions on this CPU."""
+    # Emulated fp16 on a CPU without fp16 instructions (e.g. an AMD EPYC) is tens of times slower
+    # than fp32: a run that looks hung. It still runs: a warning, not an error.
+    if device.startswith("cpu") and dtype not in native_dtypes(device):
+        print(f"eval.py: warning: this CPU has no {dtype} matrix instructions, so {dtype} runs emulated, "
+              "many times slower than float32: expect a very slow run", file=sys.stderr)
 
 
-def default_mlp_multiple(device: str, dtype: str) -> int:
-    """--mlp-multiple's default: the widths the device's matmul kernels were measured to prefer."""
-    # CUDA: 64, as the official code (fp16/bf16 tensor cores want aligned widths). CPU fp32: 8,
-    # measured on SmolLM2's MLP (README, *Kept MLP widths*): odd widths such as 853 ran slower
-    # than 856 or 896. CPU fp16/bf16: 64 (README, same section).
-    return 8 if device.startswith("cpu") and dtype == "float32" else 64
+def check_seqlen(config, seqlen: int) -> None:
+    """Raise a clear ValueError if `seqlen` tokens exceed the model's context or attention window."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seqlen > context:
+        raise ValueError(f"--seqlen {seqlen} is beyond the model's context of {context} tokens")
+    window = pp.sliding_window(config)
+    if window is not None and seqlen > window:
+        raise ValueError(f"--seqlen {seqlen} is beyond the model's sliding attention window of {window} "
+                         "tokens (sliding-window attention is not implemented: use a shorter --seqlen)")
+
+
+def check_ratio(config, cfg: pp.PPConfig) -> None:
+    """Raise a clear ValueError, from the config alone, if cfg.ratio leaves a pruned block empty."""
+    channels = getattr(config, "intermediate_size", None) or config.ffn_dim  # LLaMA-like / OPT
+    r = cfg.layer_ratio(config.num_hidden_layers)
+    pp.n_kept(config.num_attention_heads, r)
+    pp.n_kept(channels, r, cfg.mlp_multiple)
 
 
 def check_model(args) -> transformers.PretrainedConfig:
     """The model's config, after every check that needs it but not its weights; resolves the
-    defaults that depend on it (--dtype auto, --mlp-multiple)."""
+    default that depends on it (--dtype auto)."""
     try:
         config = pp.load_config(args.model)
         if args.dtype == "auto":
             args.dtype = auto_dtype(config, args.device)
-        if args.mlp_multiple is None:
-            args.mlp_multiple = default_mlp_multiple(args.device, args.dtype)
-        pp.check_seqlen(config, args.seqlen)
+        check_seqlen(config, args.seqlen)
         # The longest window the model takes (gradient baselines calibrate on fixed lengths).
         limits = (getattr(config, "max_position_embeddings", None), pp.sliding_window(config))
         args.context = min((n for n in limits if n), default=math.inf)
@@ -347,7 +344,7 @@ def check_model(args) -> transformers.PretrainedConfig:
                              f"the model's {'sliding attention window' if limits[1] == args.context else 'context'} "
                              f"of {args.context} tokens")
         for r in args.ratio if set(args.method) - {"dense"} else []:
-            pp.check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
+            check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
     except (OSError, ValueError) as e:  # no such model, unsupported architecture, bad seqlen/ratio
         raise UsageError(str(e).strip().splitlines()[0]) from e
     return config
@@ -753,7 +750,7 @@ def measure(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder, batches: li
     return math.exp(nll / n_pred), seconds, timed_tokens
 
 
-def profile_stages(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder,
+def profile_stages(logits_fn: pp.ProbePruner, dec: pp.Decoder,
                    ids: torch.Tensor) -> list[tuple[str, float]]:
     """Seconds of each PP stage (pp.STAGES) in one batch, and of the rest of the batch."""
     from torch.profiler import ProfilerActivity, profile
@@ -761,17 +758,39 @@ def profile_stages(logits_fn: Callable[..., torch.Tensor], dec: pp.Decoder,
     cuda = pp.block_device(dec.blocks[0]).type == "cuda"
     # On CUDA each stage's kernels, as the profiler sees them inside its range; on the CPU each
     # stage's wall time (the profiler's cost per op would inflate stages of many small ops).
-    clock = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if cuda else pp.stage_clock()
-    with clock as recorded:
+    logits_fn.stage_seconds = None if cuda else {}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if cuda else nullcontext() as recorded:
         synchronize()
         start = time.perf_counter()
         batch_nll(logits_fn, dec, ids)
         total = time.perf_counter() - start
     spent = ({e.key: e.device_time_total / 1e6 for e in recorded.key_averages() if e.key in pp.STAGES}
-             if cuda else recorded)
+             if cuda else logits_fn.stage_seconds)
+    logits_fn.stage_seconds = None
     stages = [(name, spent.get(name, 0.0)) for name in pp.STAGES]
     return stages + [("full batch: sliced matmuls, attention, norms, LM head, loss", total - sum(s for _, s in stages)),
                      ("total", total)]
+
+
+# FLOPs (analytic): the linear layers' matmuls, 2 * in * out per token, as the official code counts
+
+
+def dense_flops(dec: pp.Decoder, n_tokens: int) -> int:
+    """Linear-layer FLOPs of a dense forward over n_tokens tokens (LM head included)."""
+    extra = [dec.lm_head, dec.project_in, dec.project_out]
+    weights = [lin.weight for blk in dec.blocks for lin in pp.block_linears(blk)]
+    weights += [lin.weight for lin in extra if lin is not None]
+    return 2 * n_tokens * sum(w.numel() for w in weights)
+
+
+def probe_flops(dec: pp.Decoder, cfg: pp.PPConfig, batch_size: int, seqlen: int) -> int:
+    """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
+    if cfg.history == "only":  # no probe
+        return 0
+    n_samples, n_tokens = cfg.probe_size(batch_size, seqlen)
+    n_probe = n_samples * n_tokens
+    pruned = dec.blocks[2 * cfg.dense_layers:]
+    return 2 * n_probe * sum(lin.weight.numel() for blk in pruned for lin in pp.block_linears(blk)[:-1])
 
 
 def memory_estimate(config, batch_size: int, seqlen: int, dtype_bytes: int,
@@ -1041,7 +1060,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
           + (f"batches 2..{len(batches)} (first one warms up)" if len(batches) > 1 else "the only batch (no warm-up)")
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
-    dense_flops = pp.dense_flops(runner.dec, args.batch_size * args.seqlen)
+    n_dense_flops = dense_flops(runner.dec, args.batch_size * args.seqlen)
     print(header(args.width))
     print("-" * len(header(args.width)))
     for rnd in range(args.rounds):
@@ -1056,10 +1075,10 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             row.tokens_per_s = tokens / row.seconds
             row.peak_mem_gib = max(filter(None, (row.peak_mem_gib, peak_memory_gib())), default=None)
             if method in PROBING or method in args.variants:
-                row.probe_flops_pct = 100 * pp.probe_flops(runner.dec, runner.config(method, ratio),
-                                                           args.batch_size, args.seqlen) / dense_flops
-            if args.profile and (method in PROBING or method in args.variants) and rnd == 0 and len(batches) > 1:
-                print_stages(method, ratio, profile_stages(fn, runner.dec, batches[1]))
+                row.probe_flops_pct = 100 * probe_flops(runner.dec, runner.config(method, ratio),
+                                                           args.batch_size, args.seqlen) / n_dense_flops
+            if args.profile and (method in PROBING or method in args.variants) and rnd == 0:
+                print_stages(method, ratio, profile_stages(fn, runner.dec, batches[min(1, len(batches) - 1)]))
             del fn
             if rnd == args.rounds - 1:  # final: compare with dense, print, save
                 finish(row, rows.get(("dense", 0.0)))

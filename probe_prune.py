@@ -11,17 +11,23 @@ Model-Probing", ICLR 2025. For every batch and in every pruned decoder layer, PP
 Pruning is real: the sliced matrices are smaller, so the full batch's matmuls shrink.
 
 The decoder forward is written out over the weights of a Hugging Face model, so every stage
-is a few lines of torch. Reading order: config, loading, weights as plain tensors, forward,
-the four PP stages, `ProbePruner` (which ties them together), FLOP counts.
+is a few lines of torch. A reading map, top to bottom:
+  read   `PPConfig`; the four stages (`residual_importance`, `select_probe`; `Attention.inner`,
+         `MLP.inner`; `square_sums`, `fuse`, `pp_scores`, `ema_update`; `top_units`,
+         `Attention.keep`, `MLP.keep`); `ProbePruner`, which ties them together per block.
+  skim   the forward (`Attention`, `MLP`, `run`), `collect_history`, generation (`KVCache`,
+         `prefill`, `decode`): plain decoder code with PP's hooks (`prune`, `observe`).
+  skip   loading, and the CPU fast paths at the end (the same results, faster on the CPU).
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager as ContextManager, contextmanager
+from contextlib import AbstractContextManager as ContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import NamedTuple
@@ -131,17 +137,6 @@ def sliding_window(config) -> int | None:
     return window if "sliding_attention" in (getattr(config, "layer_types", None) or ()) else None
 
 
-def check_seqlen(config, seqlen: int) -> None:
-    """Raise a clear ValueError if `seqlen` tokens exceed the model's context or attention window."""
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and seqlen > context:
-        raise ValueError(f"--seqlen {seqlen} is beyond the model's context of {context} tokens")
-    window = sliding_window(config)
-    if window is not None and seqlen > window:
-        raise ValueError(f"--seqlen {seqlen} is beyond the model's sliding attention window of {window} "
-                         "tokens (sliding-window attention is not implemented: use a shorter --seqlen)")
-
-
 def default_model() -> str:
     """Path of the bundled SmolLM2-135M GGUF file when installed, else its hub id."""
     # find_spec locates the package without importing it (importing pulls in a chat CLI).
@@ -218,24 +213,14 @@ def linear(x: Tensor, lin: Linear) -> Tensor:
     return F.linear(x, lin.weight, lin.bias)
 
 
-# Slicing copies with index_select (rows) and gather (columns) rather than W[idx] / W[:, idx]:
-# the same copies without advanced indexing's general machinery. On the CPU, for SmolLM2's MLP at
-# 0.4: rows 3x faster; columns 0.18 ms fp32 / 0.54 ms bf16 against W[:, idx]'s 1.1 ms, and
-# against index_select(1, ...)'s 2.4 ms in bf16/fp16.
-
-
 def rows(lin: Linear, idx: Tensor) -> Linear:
-    """Keep output features `idx` (rows of W, entries of b)."""
-    return Linear(lin.weight.index_select(0, idx), None if lin.bias is None else lin.bias.index_select(0, idx))
+    """Keep output features `idx` (rows of W, entries of b): a smaller copy, not a mask."""
+    return Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx])
 
 
 def cols(lin: Linear, idx: Tensor) -> Linear:
     """Keep input features `idx` (columns of W); the bias is per output, so it stays whole."""
-    w = lin.weight  # (out, in)
-    # gather copies bits: a 16-bit float weight goes through the integer kernel, which is 2x faster
-    # on the CPU (Qwen2.5-1.5B's down_proj at 0.4: 5.1 ms against 9.8 ms in bf16).
-    bits = w.view(torch.int16) if w.element_size() == 2 else w
-    return Linear(bits.gather(1, idx.expand(w.shape[0], -1)).view(w.dtype), lin.bias)  # expand is a view
+    return Linear(lin.weight[:, idx], lin.bias)
 
 
 class Norm(NamedTuple):
@@ -324,8 +309,6 @@ class Attention:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
         """softmax(q k^T / sqrt(hd)) v per query head, causal over real tokens: (B, nh, T, hd)."""
-        if q.shape[2] == 1 and self.group > 1:
-            return self.attend_one_token(q, k, v, ctx)
         # Without a mask there is no past (or a single new token, which sees every key).
         sdpa = partial(F.scaled_dot_product_attention, attn_mask=ctx.attn_mask,
                        is_causal=ctx.attn_mask is None and q.shape[2] > 1)
@@ -336,22 +319,6 @@ class Attention:
         # grouped layout cannot express, so gather them (a copy the size of kept q).
         kv_map = self.heads // self.group
         return sdpa(q, k[:, kv_map], v[:, kv_map])
-
-    def attend_one_token(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
-        """`attend` for one new token per sample (decoding) with grouped k/v heads: (B, nh, 1, hd)."""
-        B, _, _, hd = q.shape
-        n_kv = k.shape[1]
-        if self.heads is not None:
-            # Pruned: the kept query heads take their places among all heads (the others are zeros,
-            # whose outputs are dropped), so the cache is read where it is, never gathered.
-            q = q.new_zeros(B, n_kv * self.group, 1, hd).index_copy_(1, self.heads, q)
-        # A k/v head's query heads all belong to the one new token, so they can be that many queries
-        # of one attention over its keys: no mask tells them apart. On the CPU this runs 3-5x faster
-        # than SDPA's grouped form (SmolLM2, bf16: 41 us against 119 us at 160 keys, 71 against 387
-        # at 512), with the same result.
-        y = F.scaled_dot_product_attention(q.view(B, n_kv, self.group, hd), k, v, attn_mask=ctx.attn_mask)
-        y = y.view(B, n_kv * self.group, 1, hd)  # (B, nh, 1, hd)
-        return y if self.heads is None else y.index_select(1, self.heads)
 
     def keep(self, heads: Tensor) -> Attention:
         """The block restricted to `heads` (sorted): q rows and wo columns sliced."""
@@ -369,8 +336,7 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """Apply RoPE (cos, signed sin: (B, T, hd)) to x (B, nh, T, hd) in transformers' rotate-half
     layout: x cos + (-x2, x1) sin for x's halves x1, x2."""
     # (-x2, x1) sin = (x2, x1) (-sin, sin): one flip swaps the halves and the sign lives in the
-    # table. The same bits in fewer ops: on the CPU in bf16, 0.4-0.55 ms of a SmolLM2 decoding step
-    # (~3%), and 4.4 -> 3.6 ms for the queries of a 20 x 512 batch.
+    # table, the same bits as transformers' rotate_half in fewer ops.
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
     return x * cos[:, None] + swapped * signed_sin[:, None]
 
@@ -431,6 +397,13 @@ class Decoder:
 def block_device(blk: Block) -> torch.device:
     """The device of a block's weights (blocks of a model split across GPUs differ)."""
     return blk.out.weight.device
+
+
+def block_linears(blk: Block) -> list[Linear]:
+    """The block's linear layers, the output projection last."""
+    if isinstance(blk, Attention):
+        return [blk.wq, blk.wk, blk.wv, blk.wo]
+    return [lin for lin in (blk.w1, blk.w3) if lin is not None] + [blk.w2]
 
 
 def read_weights(model) -> Decoder:
@@ -607,14 +580,6 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
     `logits=False` returns the final residual stream (B, T, C) instead, for a caller that applies
     `head` a piece at a time (a batch's logits can be the largest tensor of the run). With a
     `cache`, the tokens follow those already in it, and join it."""
-    # Inference keeps autograd off: no graph over the whole batch.
-    with torch.set_grad_enabled(grad):
-        return forward_blocks(dec, input_ids, attention_mask, prune, observe, logits, cache)
-
-
-def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, prune: PruneFn | None,
-                   observe: ObserveFn | None, logits: bool = True, cache: KVCache | None = None) -> Tensor:
-    """The body of `run`, under its autograd setting."""
     n_tokens = input_ids.shape[1] + (0 if cache is None or cache.mask is None else cache.mask.shape[1])
     if dec.window is not None and n_tokens > dec.window:
         raise ValueError(f"{n_tokens} tokens per sample exceed the sliding attention window "
@@ -626,20 +591,21 @@ def forward_blocks(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | Non
         mask = attention_mask.to(dec.embed.device).bool()
         padded = not bool(mask.all())  # the one host sync per batch, and only when a mask is given
     ctx = make_context(dec, mask, positions(mask), padded) if cache is None else cache.context(dec, mask, padded)
-    x = embed(dec, input_ids, ctx)  # (B, T, C) the residual stream
-    for b, blk in enumerate(dec.blocks):
-        # A model split across GPUs (--device-map auto): the residual stream and the batch's
-        # context follow the blocks' weights; both are no-ops while the device stays the same.
-        device = block_device(blk)
-        x, ctx = x.to(device), ctx.to(device)
-        h = block_input(dec, blk, x)  # (B, T, C)
-        if prune is not None:
-            blk = prune(b, blk, x, h, ctx)
-        z = blk.inner(h, ctx, None if cache is None else cache.layer(b))  # (B, T, Cz)
-        if observe is not None:
-            observe(b, blk, h, z, ctx)
-        x = add_residual(dec, blk, x, z)
-    return head(dec, x) if logits else x
+    with torch.set_grad_enabled(grad):  # inference keeps autograd off: no graph over the whole batch
+        x = embed(dec, input_ids, ctx)  # (B, T, C) the residual stream
+        for b, blk in enumerate(dec.blocks):
+            # A model split across GPUs (--device-map auto): the residual stream and the batch's
+            # context follow the blocks' weights; both are no-ops while the device stays the same.
+            device = block_device(blk)
+            x, ctx = x.to(device), ctx.to(device)
+            h = block_input(dec, blk, x)  # (B, T, C)
+            if prune is not None:
+                blk = prune(b, blk, x, h, ctx)
+            z = blk.inner(h, ctx, None if cache is None else cache.layer(b))  # (B, T, Cz)
+            if observe is not None:
+                observe(b, blk, h, z, ctx)
+            x = add_residual(dec, blk, x, z)
+        return head(dec, x) if logits else x
 
 
 def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -652,35 +618,6 @@ def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> T
 
 # Profiler labels of PP's own work (torch.profiler shows them; eval.py --profile tabulates them).
 STAGES = ("pp.1 probe selection", "pp.2 look-ahead", "pp.3 fuse and score", "pp.4 slice", "pp.history update")
-_stage_seconds: dict[str, float] | None = None  # label -> seconds, while a stage_clock runs
-
-
-def stage(label: str) -> ContextManager:
-    """A labeled range around one of PP's stages: a torch.profiler range (free unless a profiler
-    runs), or wall-clock timing inside `stage_clock`."""
-    return record_function(label) if _stage_seconds is None else timed(label, _stage_seconds)
-
-
-@contextmanager
-def timed(label: str, seconds: dict[str, float]) -> Iterator[None]:
-    """Add the wall-clock seconds of the block to seconds[label]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
-
-
-@contextmanager
-def stage_clock() -> Iterator[dict[str, float]]:
-    """Time PP's stages by the wall clock within the block (on the CPU, where the profiler's cost
-    per op inflates stages of many small ops): yields {label: seconds}."""
-    global _stage_seconds
-    _stage_seconds = {}
-    try:
-        yield _stage_seconds
-    finally:
-        _stage_seconds = None
 
 
 class Probe(NamedTuple):
@@ -692,20 +629,9 @@ class Probe(NamedTuple):
 
 
 def residual_importance(x: Tensor, ctx: Context) -> Tensor:
-    """The paper's residual importance of each token (B, T): the L2 norm of the residual stream x
-    entering the block; padding scores 0."""
-    if x.dtype == torch.bfloat16:
-        # Accumulated in fp32, rounded to bf16 at the end: bf16's range holds any norm, and a
-        # ranking needs no more than its 8 bits. On the CPU this reads x once (SmolLM2's 20 x 512
-        # x 576: 0.35 ms), where an fp32 result costs an fp32 copy of x (1.6 ms).
-        r = torch.linalg.vector_norm(x, dim=-1).float()  # (B, T)
-    elif x.device.type == "cpu" and x.dtype == torch.float16:
-        # fp16 could overflow (a norm beyond 65504); the CPU's fp32-accumulating norm of fp16 rows
-        # is slower than one sample at a time through an fp32 copy.
-        r = torch.stack([torch.linalg.vector_norm(xb.float(), dim=-1) for xb in x])  # (B, T)
-    else:
-        r = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (B, T), without an fp32 copy of x
-    return r * ctx.mask if ctx.attn_mask is not None else r  # padded batch: padding never leads
+    """Stage 1a, the paper's residual importance of each token (B, T): the L2 norm of the residual
+    stream x entering the block, in fp32; padding scores 0, so it never leads."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) * ctx.mask  # (B, T)
 
 
 def random_importance(ctx: Context, generator: torch.Generator) -> Tensor:
@@ -715,7 +641,7 @@ def random_importance(ctx: Context, generator: torch.Generator) -> Tensor:
 
 
 def select_probe(r: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: int) -> Probe:
-    """Stage 1: the top tokens by importance r (B, T) over the batch, then the top samples on them."""
+    """Stage 1b: the top tokens by importance r (B, T) over the batch, then the top samples on them."""
     # Ranked by the L2 norm of r across the dimension not being ranked: ||r[:, t]||_2 for token t,
     # ||r[b, tokens]||_2 for sample b (with residual importance: ||x[:, t, :]||_2, ||x[b, tokens, :]||_2).
     # The paper does not fix which comes first; like the official code we pick tokens over the
@@ -729,54 +655,23 @@ def select_probe(r: Tensor, h: Tensor, ctx: Context, n_samples: int, n_tokens: i
     return Probe(pick(h), probe_ctx, tokens)
 
 
-def square_sums(z: Tensor, mask: Tensor, padded: bool = True) -> tuple[Tensor, Tensor]:
-    """Sum over samples of z^2 at real tokens (T, Cz), in fp32, and the count of samples (T,)."""
-    # Every z is squared in fp32 (a bf16/fp16 square is exact there, and never overflows fp16's
-    # 65504) and summed in fp32. This runs on every full batch, in every pruned block.
-    sums = square_sum_by_sample if z.device.type == "cpu" else square_sum_one_pass
-    return sums(z, mask, padded), mask.sum(0, dtype=torch.float32)
+def square_sums(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_b z[b, t, :]^2 over the real samples of each token (T, Cz), and their number (T,).
+    Squared and summed in fp32 whatever z's dtype: a half-precision square can overflow."""
+    return sum_of_squares(z, mask), mask.sum(0, dtype=torch.float32)
 
 
-def square_sum_one_pass(z: Tensor, mask: Tensor, padded: bool) -> Tensor:
-    """square_sums' (T, Cz) on a GPU: one pass over z, accumulating in fp32, no fp32 copy of z."""
-    return torch.linalg.vector_norm(z * mask[..., None] if padded else z, dim=0, dtype=torch.float32).square()
-
-
-ACCUMULATOR_TILE_BYTES = 2**20  # square_sum_by_sample's tile of its fp32 accumulator (CPU L2 blocking)
-
-
-def square_sum_by_sample(z: Tensor, mask: Tensor, padded: bool) -> Tensor:
-    """square_sums' (T, Cz) on the CPU: each sample's squares added into an fp32 accumulator."""
-    # The CPU's reduction kernels are slow over the outermost dimension (SmolLM2's 20 x 512 x 1216
-    # bf16 MLP states: vector_norm 148 ms, this loop 3 ms). On a GPU each addition would reread and
-    # rewrite the whole accumulator, B times the traffic of the one pass.
-    T, Cz = z.shape[1:]
-    s = torch.zeros(T, Cz, dtype=torch.float32, device=z.device)
-    # Cache blocking, where each addition makes an fp32 temporary (the copy of a bf16/fp16 sample,
-    # or the masked product): the accumulator is filled a tile of tokens at a time, so that the
-    # tile and the temporary stay in a core's L2 cache while all B samples are added into it. A
-    # fixed handful of tiles, not a loop over tokens. On this CPU (2 MB L2 per core) 1 MB tiles
-    # cut Qwen2.5-1.5B's 20 x 512 x 4992 bf16 MLP states from 13.2 ms to 8.2 ms (padded fp32: 22.4
-    # to 13.6 ms); without a temporary (unpadded fp32) whole rows are as fast.
-    temporary = z.dtype != torch.float32 or padded
-    rows = max(1, ACCUMULATOR_TILE_BYTES // (4 * Cz)) if temporary else T
-    # bf16/fp16: each sample is copied into one reused fp32 buffer (faster than mixed-dtype
-    # arithmetic, and than a fresh fp32 copy per sample).
-    buf = None if z.dtype == torch.float32 else torch.empty(min(rows, T), Cz, dtype=torch.float32, device=z.device)
-    for t in range(0, T, rows):
-        st = s[t:t + rows]  # (rows, Cz) a view
-        for zb, mb in zip(z[:, t:t + rows], mask[:, t:t + rows]):  # (rows, Cz), (rows,)
-            zb = zb if buf is None else buf[:len(st)].copy_(zb)
-            st.addcmul_(zb * mb[:, None] if padded else zb, zb)  # padding adds 0
-    return s
+def mean_squares(z: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean over real samples of z^2 at each token (T, Cz), fp32, and whether a token has any (T, 1)."""
+    s, n = square_sums(z, mask)
+    return s / n.clamp(min=1)[:, None], (n > 0)[:, None]
 
 
 def fuse(probe: Tensor, history: Tensor, eps: float = 1e-6) -> Tensor:
-    """Stage 3a, importance-scaled fusion of probe and historical states (same shape)."""
-    # Each entry leans towards whichever of the two is larger: w = P / (P + H + eps),
-    # fused = w * P + (1 - w) * H = H + w * (P - H), which is one lerp.
-    w = (probe + history).add_(eps)  # in place: one temporary less
-    return torch.lerp(history, probe, torch.div(probe, w, out=w))
+    """Stage 3a, importance-scaled fusion of probe states P and historical states H (same shape):
+    w = P / (P + H + eps), F = w P + (1 - w) H, which is one lerp from H towards P."""
+    w = probe / (probe + history + eps)  # each entry leans towards the larger of the two
+    return torch.lerp(history, probe, w)
 
 
 def wanda_scores(c: Tensor, out_abs: Tensor, unit: int) -> Tensor:
@@ -804,22 +699,16 @@ def top_units(scores: Tensor, n_keep: int) -> Tensor:
     return scores.topk(n_keep).indices.sort().values
 
 
-def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None,
-               momentum: float, padded: bool = True) -> None:
-    """H[:T, kept] <- m H + (1 - m) mean_b z^2, from the full batch; pruned channels keep theirs."""
-    s, n = square_sums(z, mask, padded)  # (T, K), (T,)
-    mean = s.div_(n.clamp(min=1)[:, None])  # (T, K) in place: s is ours
-    rate = 1 - momentum
-    if padded:  # positions where every sample is padding stay as they are
-        rate = rate * (n > 0)[:, None]  # (T, 1)
-    h = history[:z.shape[1]]  # (T, Cz) a view
+def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None, momentum: float) -> None:
+    """H[:T, kept] <- m H + (1 - m) mean_b z^2, from the full batch's states z (B, T, K) at the kept
+    `channels` (None: all); pruned channels, and tokens that are padding in every sample, keep theirs."""
+    mean, real = mean_squares(z, mask)  # (T, K), (T, 1)
+    rate = (1 - momentum) * real  # lerp(H, mean, 1 - m) = m H + (1 - m) mean
+    h = history[:z.shape[1]]  # (T, Cz) a view: the update lands in the history
     if channels is None:
         h.lerp_(mean, rate)
-        return
-    # Gather the kept columns, update them, scatter them back: on the CPU 3.2 ms for Qwen2.5-1.5B's
-    # 512 x 4992 of 8960, against 7.3 ms with index_select / index_copy_ and 7.6 ms with H[:, idx].
-    cols = channels.expand(len(h), -1)  # (T, K) a view
-    h.scatter_(1, cols, h.gather(1, cols).lerp_(mean, rate))
+    else:
+        h[:, channels] = h[:, channels].lerp(mean, rate)
 
 
 def n_kept(n_units: int, ratio: float, multiple: int = 1) -> int:
@@ -842,14 +731,6 @@ def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
             for b, blk in enumerate(dec.blocks) if b >= 2 * cfg.dense_layers}
 
 
-def check_ratio(config, cfg: PPConfig) -> None:
-    """Raise a clear ValueError, from the config alone, if cfg.ratio leaves a pruned block empty."""
-    channels = getattr(config, "intermediate_size", None) or config.ffn_dim  # LLaMA-like / OPT
-    r = cfg.layer_ratio(config.num_hidden_layers)
-    n_kept(config.num_attention_heads, r)
-    n_kept(channels, r, cfg.mlp_multiple)
-
-
 Batch = Tensor | tuple[Tensor, Tensor | None]  # input_ids, or (input_ids, attention_mask)
 
 
@@ -859,7 +740,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
     counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
 
     def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
-        s, n = square_sums(z, ctx.mask, padded=ctx.attn_mask is not None)
+        s, n = square_sums(z, ctx.mask)
         if b in sums and sums[b].shape != s.shape:
             raise ValueError("calibration batches must all have the same number of tokens per sample")
         sums[b], counts[b] = sums.get(b, 0) + s, counts.get(b, 0) + n
@@ -888,6 +769,7 @@ class ProbePruner:
         self.history: dict[int, Tensor] | None = None  # block -> (T, Cz) fp32, on the block's device
         if history is not None:
             self.set_history(history)
+        self.stage_seconds: dict[str, float] | None = None  # set to {} to add up each stage's wall time
 
     def set_history(self, history: list[Tensor]) -> None:
         """Own a copy of the pruned blocks' historical states, each on its block's device."""
@@ -933,6 +815,16 @@ class ProbePruner:
             raise ValueError(f"batch has {n_tokens} tokens per sample, but calibration "
                              f"covered only {covered} positions")
 
+    @contextmanager
+    def stage(self, label: str) -> Iterator[None]:
+        """A labeled range around one of PP's stages: a torch.profiler range (free unless a profiler
+        runs), and its wall-clock seconds added to `stage_seconds` when that is set."""
+        start = time.perf_counter()
+        with record_function(label):
+            yield
+        if self.stage_seconds is not None:
+            self.stage_seconds[label] = self.stage_seconds.get(label, 0.0) + time.perf_counter() - start
+
     def prune_block(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
         """Stages 1-4 for block b: probe, look ahead, fuse and score, slice."""
         if b not in self.n_keep:  # a dense layer
@@ -943,36 +835,38 @@ class ProbePruner:
             c = self.probe_states(b, blk, x, h, ctx)
         return self.keep_best(b, blk, c)
 
-    def keep_best(self, b: int, blk: Block, c: Tensor) -> Block:
-        """Stages 3b-4 for block b: score its units on the states c (Cz,), slice the best."""
-        with stage(STAGES[2]):
-            score = pp_scores if self.cfg.score == "ppsp" else wanda_scores
-            units = top_units(score(c, self.out_weights[b], blk.unit), self.n_keep[b])
-        with stage(STAGES[3]):  # then the full batch runs on the slices
-            return blk.keep(units)
-
     def probe_states(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Tensor:
         """Stages 1-3a for block b: the probe's mean z^2, fused with history, summed over its tokens (Cz,)."""
-        with stage(STAGES[0]):
+        with self.stage(STAGES[0]):
             r = residual_importance(x, ctx) if self.cfg.probe_select == "residual" else random_importance(ctx, self.rng)
             probe = select_probe(r, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
-        with stage(STAGES[1]):  # the probe through the block's first half, all weights
+        with self.stage(STAGES[1]):  # the probe through the block's first half, all weights
             z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
-        with stage(STAGES[2]):
+        with self.stage(STAGES[2]):
             return self.fused_states(b, z, probe.ctx, probe.tokens)
 
     def fused_states(self, b: int, z: Tensor, ctx: Context, tokens: Tensor | None = None) -> Tensor:
         """Stage 3a: the mean z^2 over samples at each token of z (B, T, Cz), fused with the history
         at the same positions (`tokens`, or the first T), summed over the tokens (Cz,)."""
-        padded = ctx.attn_mask is not None
-        s, n = square_sums(z, ctx.mask, padded)
-        p = s.div_(n.clamp(min=1)[:, None])  # (T, Cz) the mean z^2, in place
+        p, real = mean_squares(z, ctx.mask)  # (T, Cz), (T, 1)
         if self.cfg.use_history:
             history = self.history[b]
-            p = fuse(p, history[:z.shape[1]] if tokens is None else history.index_select(0, tokens))
-        if padded:  # tokens that are padding in every sample drop out
-            p = p * (n > 0)[:, None]
-        return p.sum(0)  # (Cz,)
+            p = fuse(p, history[:z.shape[1]] if tokens is None else history[tokens])
+        return (p * real).sum(0)  # (Cz,) tokens that are padding in every sample drop out
+
+    def keep_best(self, b: int, blk: Block, c: Tensor) -> Block:
+        """Stages 3b-4 for block b: score its units on the states c (Cz,), slice the best."""
+        with self.stage(STAGES[2]):
+            score = pp_scores if self.cfg.score == "ppsp" else wanda_scores
+            units = top_units(score(c, self.out_weights[b], blk.unit), self.n_keep[b])
+        with self.stage(STAGES[3]):  # then the full batch runs on the slices
+            return blk.keep(units)
+
+    def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
+        """After the full batch ran block b, fold its states into the history (kept channels)."""
+        if self.cfg.use_history and b in self.n_keep:
+            with self.stage(STAGES[4]):
+                ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum)
 
     def choose_from_prompt(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> Block:
         """Dense prefill: block b's slices for decoding, chosen from the whole prompt's states z
@@ -984,17 +878,8 @@ class ProbePruner:
         else:
             c = self.fused_states(b, z, ctx)
         kept = self.keep_best(b, blk, c)
-        if self.cfg.use_history:
-            with stage(STAGES[4]):
-                ema_update(self.history[b], z, ctx.mask, None, self.cfg.momentum, padded=ctx.attn_mask is not None)
+        self.update_history(b, blk, h, z, ctx)  # blk: the dense block, every channel
         return kept
-
-    def update_history(self, b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
-        """After the full batch ran block b, fold its states into the history (kept channels)."""
-        if self.cfg.use_history and b in self.n_keep:
-            with stage(STAGES[4]):
-                ema_update(self.history[b], z, ctx.mask, blk.kept, self.cfg.momentum,
-                           padded=ctx.attn_mask is not None)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1075,26 +960,6 @@ def decode_step(dec: Decoder, cache: KVCache, token: Tensor) -> Tensor:
         return head(dec, x[:, -1])
 
 
-@contextmanager
-def one_row_products(token: Tensor) -> Iterator[None]:
-    """Within the block, a batch of one token (B = 1: every product a matrix-vector product) skips
-    oneDNN on the CPU for PyTorch's own matrix-vector kernels."""
-    # oneDNN, which runs the CPU's bf16 matmuls, costs ~20 us a product to set up: more than
-    # PyTorch's gemv takes for a whole small layer (bf16, weights read from memory: SmolLM2's
-    # 576 x 576 64 -> 31 us, its LM head 3.4 -> 1.7 ms, Qwen2.5-1.5B's 8960 x 1536 1.35 -> 0.85 ms).
-    # At 2 rows it depends on the shape, and from 4 rows on oneDNN is faster (up to 1.6x), so batches
-    # keep it. fp32 and fp16 one-row products ran no differently without oneDNN on the AMD EPYC of
-    # the README; a GPU never uses it.
-    if token.device.type != "cpu" or token.numel() != 1 or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
-
-
 def decode(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None = None,
            max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
@@ -1137,29 +1002,38 @@ def generate(model_or_dec, input_ids: Tensor, attention_mask: Tensor | None = No
 
 
 # -----------------------------------------------------------------------------------------
-# FLOPs (analytic): the linear layers' matmuls, 2 * in * out per token, as the official code counts
+# CPU fast paths: the same results as the plain forms they replace, faster on the CPU (their
+# end-to-end gain, measured, is in the README's speed table)
 
 
-def dense_flops(dec: Decoder, n_tokens: int) -> int:
-    """Linear-layer FLOPs of a dense forward over n_tokens tokens (LM head included)."""
-    extra = [dec.lm_head, dec.project_in, dec.project_out]
-    weights = [lin.weight for blk in dec.blocks for lin in block_linears(blk)]
-    weights += [lin.weight for lin in extra if lin is not None]
-    return 2 * n_tokens * sum(w.numel() for w in weights)
+def sum_of_squares(z: Tensor, mask: Tensor) -> Tensor:
+    """sum_b (mask[b] z[b])^2 (T, Cz) of z (B, T, Cz) in fp32: in one pass, or by sample on the CPU."""
+    return (sum_by_sample if z.device.type == "cpu" else sum_in_one_pass)(z, mask)
 
 
-def probe_flops(dec: Decoder, cfg: PPConfig, batch_size: int, seqlen: int) -> int:
-    """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
-    if cfg.history == "only":  # no probe
-        return 0
-    n_samples, n_tokens = cfg.probe_size(batch_size, seqlen)
-    n_probe = n_samples * n_tokens
-    pruned = dec.blocks[2 * cfg.dense_layers:]
-    return 2 * n_probe * sum(lin.weight.numel() for blk in pruned for lin in block_linears(blk)[:-1])
+def sum_in_one_pass(z: Tensor, mask: Tensor) -> Tensor:
+    """`sum_of_squares` as one reduction, without an fp32 copy of z (the GPU's)."""
+    return torch.linalg.vector_norm(z * mask[..., None], dim=0, dtype=torch.float32).square()
 
 
-def block_linears(blk: Block) -> list[Linear]:
-    """The block's linear layers, the output projection last."""
-    if isinstance(blk, Attention):
-        return [blk.wq, blk.wk, blk.wv, blk.wo]
-    return [lin for lin in (blk.w1, blk.w3) if lin is not None] + [blk.w2]
+def sum_by_sample(z: Tensor, mask: Tensor) -> Tensor:
+    """`sum_of_squares` on the CPU, whose reductions over the outermost dimension are slow."""
+    s = torch.zeros(z.shape[1:], dtype=torch.float32, device=z.device)
+    for zb, mb in zip(z, mask):  # (T, Cz), (T,) one sample at a time
+        zb = (zb * mb[:, None]).float()  # padding adds 0
+        s.addcmul_(zb, zb)
+    return s
+
+
+def one_row_products(token: Tensor) -> ContextManager:
+    """Within the block, a batch of one token (every product a matrix-vector one) runs on PyTorch's
+    own CPU kernels instead of oneDNN's, whose setup per product outweighs a matrix-vector product."""
+    if token.device.type != "cpu" or token.numel() != 1:
+        return nullcontext()
+    # torch's scoped switch: oneDNN off for the whole process while the block runs (so not
+    # thread-safe), then restored; its other settings (more in newer torch) are left as they are.
+    return torch.backends.mkldnn.flags(enabled=False, **ONEDNN_UNCHANGED)
+
+
+ONEDNN_UNCHANGED = {name: None for name in inspect.signature(torch.backends.mkldnn.flags).parameters
+                    if name != "enabled"}

