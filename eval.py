@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlp-multiple", type=int, default=MLP_MULTIPLE,
                    help="round kept MLP channels up to a multiple, for every method, on every device and "
                         "in every dtype, so one command keeps the same units everywhere (the official "
-                        "code's 64; 1 = no rounding)")
+                        "code's; 1 = no rounding)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default here: %(default)s)")
     p.add_argument("--device-map", choices=("auto",), default=None,
@@ -137,8 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time every method this many times, interleaved; report the median")
     p.add_argument("--profile", action="store_true",
                    help="also print where one PP batch's time goes, stage by stage, in an extra untimed "
-                        "run of the second batch (the first if there is one): on CUDA the GPU time of each "
-                        "stage's kernels (torch.profiler); on the CPU each stage's wall-clock time")
+                        "run of the second batch (the first if it is the only one): on CUDA the GPU time "
+                        "of each stage's kernels (torch.profiler); on the CPU each stage's wall-clock time")
     p.add_argument("--estimate-memory", action="store_true",
                    help="print PP's peak GPU memory for --model, --batch-size, --seqlen, --dtype and the "
                         "first --ratio, computed from the config alone (no weights load), and exit")
@@ -706,11 +706,9 @@ def reset_peak_memory() -> None:
 
 def keep_freed_memory() -> None:
     """CPU runs: make glibc reuse freed memory rather than map fresh pages for every big tensor."""
-    # glibc serves allocations over 32 MB with a new mmap, so each large activation is
-    # page-faulted in and zeroed on first touch: on our 2-core machine that made SiLU and the
-    # elementwise products several times slower than the memory allows (dense 20 x 512 batch of
-    # SmolLM2: 41.6 s -> 30.5 s). Keeping freed memory in the heap (as tcmalloc or jemalloc
-    # would) times the arithmetic, not the kernel's page zeroing. No-op where libc is not glibc.
+    # glibc maps every large allocation afresh, so each big activation is page-faulted in and
+    # zeroed on first touch; keeping freed memory in the heap (as tcmalloc or jemalloc would)
+    # times the arithmetic, not the kernel's page zeroing. No-op where libc is not glibc.
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
     try:
         libc = ctypes.CDLL("libc.so.6")
