@@ -90,6 +90,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
     p.add_argument("--task-data", default=None, metavar="DIR",
                    help="zero-shot: read DIR/<task>.jsonl (hub field layout) instead of the hub datasets")
+    p.add_argument("--task-order", choices=TASK_ORDERS, default="dataset",
+                   help="zero-shot batches: 'dataset' as the official PP code and the paper (each example's "
+                        "choices adjacent, --batch-size consecutive requests a batch, right-padded); 'length' "
+                        "as lm-evaluation-harness (longest first). PP's accuracy depends on what shares its "
+                        "batch; the other methods' does not")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="no model: print the zero-shot tables and paired differences of the rows in these "
+                        "--json files (e.g. one run per method, all on the same examples), write them merged "
+                        "to --json if given, and exit")
     p.add_argument("--no-ppl", action="store_true",
                    help="skip perplexity (with --tasks / --generate: only those)")
     p.add_argument("--generate", type=int, default=None, metavar="N",
@@ -516,6 +525,12 @@ TASKS = {
 }
 
 
+# How a task's requests (one per choice of each example) are batched. dataset: the official code's,
+# and so the paper's: in dataset order, each example's choices adjacent, batch_size consecutive ones a
+# batch. length: lm-eval's, longest first. PP's accuracy depends on what shares its batch.
+TASK_ORDERS = ("dataset", "length")
+
+
 class Example(NamedTuple):
     """One example, ready to score: a (context, continuation) per choice, and the right one."""
 
@@ -583,22 +598,24 @@ class TaskBatch(NamedTuple):
     request: torch.Tensor  # (N,) and its request (a choice of an example, numbered across the task)
 
 
-def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: int,
-                 device: str) -> tuple[list[TaskBatch], int]:
-    """The task's requests (every choice of every example) as padded batches, and their count."""
+def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: int, device: str,
+                 order: str) -> tuple[list[TaskBatch], int]:
+    """The task's requests (every choice of every example) as right-padded batches of `batch_size`
+    inputs in `order` (TASK_ORDERS), and their count."""
     requests = [encode_pair(tokenizer, ctx, cont) for ex in examples for ctx, cont in ex.pairs]
     # The model reads context + continuation but its last token, at most max_len tokens (the last
     # ones, as lm-eval). Requests that read the same input (BoolQ's one-token " no"/" yes") share a row.
     readers: dict[tuple[int, ...], list[int]] = {}  # input -> its requests
     for r, (ctx, cont) in enumerate(requests):
         readers.setdefault(tuple((ctx + cont)[:-1][-max_len:]), []).append(r)
-    # Longest first, as lm-eval: inputs of similar length share a batch (little padding), the
-    # slowest batch comes first, and ties are broken by the tokens, so the batches never vary.
-    inputs = sorted(readers, key=lambda t: (-len(t), t))
+    if order == "dataset":  # the official code's: dataset order, so an example's choices are adjacent
+        inputs = list(readers)  # (a dict keeps its first-seen order)
+    else:  # lm-eval's, longest first: little padding; ties broken by the tokens, so it never varies
+        inputs = sorted(readers, key=lambda t: (-len(t), t))
     batches = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
-        ids = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
         row, pos, target, request = [], [], [], []  # one entry per continuation token
         for i, inp in enumerate(chunk):
             ids[i, :len(inp)] = torch.tensor(inp)
@@ -633,15 +650,17 @@ def argmax(values: list[float]) -> int:
 
 
 def accuracy(task: Task, examples: list[Example], scores: list[float]) -> dict:
-    """lm-eval's acc and acc_norm (None where the task has none) of the scored requests."""
-    hits = hits_norm = start = 0
+    """lm-eval's acc and acc_norm (None where the task has none) of the scored requests, and
+    "correct": each example's 1/0 under the reported one, for paired comparisons."""
+    hits, hits_norm, start = [], [], 0
     for ex in examples:
         s = scores[start:start + len(ex.pairs)]
         start += len(ex.pairs)
-        hits += argmax(s) == ex.gold
-        hits_norm += argmax([v / len(c) for v, c in zip(s, ex.choices)]) == ex.gold
+        hits.append(int(argmax(s) == ex.gold))
+        hits_norm.append(int(argmax([v / len(c) for v, c in zip(s, ex.choices)]) == ex.gold))
     n = len(examples)
-    return {"acc": hits / n, "acc_norm": hits_norm / n if task.acc_norm else None, "n": n}
+    return {"acc": sum(hits) / n, "acc_norm": sum(hits_norm) / n if task.acc_norm else None, "n": n,
+            "correct": hits_norm if task.acc_norm else hits}
 
 
 def reported(result: dict) -> float:
@@ -652,6 +671,19 @@ def reported(result: dict) -> float:
 def stderr(p: float, n: int) -> float:
     """Standard error of an accuracy p over n examples, as lm-eval: sqrt(p (1 - p) / (n - 1))."""
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else math.nan
+
+
+def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of a - b over the same examples, and its standard error sd(a - b) / sqrt(n)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+
+
+def average_difference(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float]:
+    """Paired difference of two rows' task averages, and its standard error (tasks independent)."""
+    diffs = [paired_difference(a[name]["correct"], b[name]["correct"]) for name in a]
+    return (statistics.mean(d for d, _ in diffs),
+            math.sqrt(sum(se * se for _, se in diffs)) / len(diffs))
 
 
 # -----------------------------------------------------------------------------------------
@@ -674,7 +706,9 @@ class Row:
     round_seconds: list[float] = field(default_factory=list)  # each round's seconds (--rounds)
     round_speedups: list[float] = field(default_factory=list)  # each round's against dense's same round
     round_prr: list[float | None] = field(default_factory=list)  # ... and its PRR (None: not faster)
-    tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n"}
+    tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n",
+    #                                       "correct": each example's 1/0 under the reported accuracy}
+    task_order: str | None = None  # --tasks: how the requests were batched (TASK_ORDERS)
     avg_acc: float | None = None  # mean over the tasks of acc_norm where defined, else acc
     tasks_seconds: float | None = None  # wall time of the whole zero-shot evaluation
     gen_ppl: float | None = None  # --generate: perplexity of the new tokens, structure chosen on the prompt
@@ -869,7 +903,7 @@ def task_width(name: str) -> int:
 def task_header(names: list[str], width: int) -> str:
     """Header of the zero-shot table: a column per task (* = acc_norm, else acc), average, seconds."""
     cells = " ".join(f"{name + '*' * TASKS[name].acc_norm:>{task_width(name)}}" for name in names)
-    return f"{'method':<{width}} {'ratio':>5} {cells} {'average':>9} {'seconds':>8}"
+    return f"{'method':<{width}} {'ratio':>5} {'order':>7} {cells} {'average':>9} {'seconds':>8}"
 
 
 def format_task_row(r: Row, names: list[str], width: int) -> str:
@@ -879,7 +913,32 @@ def format_task_row(r: Row, names: list[str], width: int) -> str:
                      for name, se in zip(names, ses))
     avg_se = math.sqrt(sum(se * se for se in ses)) / len(names)  # the tasks' errors are independent
     average = f"{100 * r.avg_acc:.1f}±{100 * avg_se:.1f}"
-    return f"{r.method:<{width}} {r.ratio:>5.2f} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
+    return f"{r.method:<{width}} {r.ratio:>5.2f} {r.task_order:>7} {cells} {average:>9} {r.tasks_seconds:>8.1f}"
+
+
+def print_paired(rows: list[Row], width: int) -> None:
+    """Each zero-shot row's paired difference to dense, and each PP row's to each baseline at its ratio."""
+    scored = [r for r in rows if r.tasks]
+    is_static = lambda r: r.method.removesuffix(RECOVERY_SUFFIX) in baselines.METHODS
+
+    def others(r: Row, keep: Callable[[Row], bool]) -> list[Row]:
+        """One row per method that `keep` accepts: in r's task order where both orders ran."""
+        found = {}
+        for o in sorted(filter(keep, scored), key=lambda o: o.task_order != r.task_order):
+            found.setdefault(o.method, o)
+        return list(found.values())
+
+    pairs = [(r, d) for r in scored if r.method != "dense" for d in others(r, lambda o: o.method == "dense")]
+    pairs += [(r, b) for r in scored if r.method != "dense" and not is_static(r)
+              for b in others(r, lambda o: is_static(o) and o.ratio == r.ratio)]
+    if not pairs:
+        return
+    print("# paired differences of the average accuracy, in points ± paired standard error over the same "
+          "examples (* beyond 2 standard errors)")
+    for r, other in pairs:
+        diff, se = average_difference(r.tasks, other.tasks)
+        print(f"{r.method:<{width}} {r.ratio:>5.2f} {r.task_order:>7}  - {other.method:<{width}} "
+              f"{100 * diff:>+6.1f} ± {100 * se:.1f}{' *' if abs(diff) > 2 * se else ''}")
 
 
 def write_json(path: str | None, rows: list[Row]) -> None:
@@ -890,6 +949,44 @@ def write_json(path: str | None, rows: list[Row]) -> None:
     with open(tmp, "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=2)
     os.replace(tmp, path)
+
+
+def read_rows(paths: list[str]) -> list[Row]:
+    """The rows of earlier --json files; their zero-shot rows must have scored the same examples."""
+    rows = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows += [Row(**r) for r in json.load(f)]
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"--merge: {path}: not a --json file of eval.py ({type(e).__name__})") from e
+    scored = [r for r in rows if r.tasks]
+    if not scored:
+        raise UsageError("--merge: no zero-shot rows in these files")
+    counts = [{name: t["n"] for name, t in r.tasks.items()} for r in scored]
+    if any(c != counts[0] for c in counts):
+        raise UsageError(f"--merge: the rows scored different tasks or numbers of examples: {counts[0]} and "
+                         f"{next(c for c in counts if c != counts[0])}")
+    if any("correct" not in t for r in scored for t in r.tasks.values()):
+        raise UsageError("--merge: a row has no per-example results (written before eval.py kept them)")
+    keys = [(r.method, r.ratio, r.task_order) for r in scored]
+    if len(set(keys)) < len(keys):
+        raise UsageError(f"--merge: a row appears twice: {next(k for k in keys if keys.count(k) > 1)}")
+    return rows
+
+
+def print_merged(args, rows: list[Row]) -> None:
+    """The zero-shot table and the paired differences of rows from several runs."""
+    scored = [r for r in rows if r.tasks]
+    names = list(scored[0].tasks)
+    width = max(len(r.method) for r in scored)
+    print(f"# zero-shot, merged from {len(args.merge)} files: "
+          + ", ".join(f"{name} {t['n']}" for name, t in scored[0].tasks.items()) + " examples")
+    print(task_header(names, width))
+    for r in scored:
+        print(format_task_row(r, names, width))
+    print_paired(scored, width)
+    write_json(args.json, rows)
 
 
 def print_stages(method: str, ratio: float, stages: list[tuple[str, float]]) -> None:
@@ -1096,9 +1193,10 @@ def prepare_tasks(args, config, tokenizer, examples: dict[str, list[Example]]) -
     """Tokenize and batch every task, and refuse inputs the model or PP's history cannot take."""
     # lm-eval keeps the last tokens of an input longer than the model's context.
     max_len = config.max_position_embeddings
-    tasks = {name: PreparedTask(exs, *task_batches(tokenizer, exs, args.batch_size, max_len, args.device))
+    tasks = {name: PreparedTask(exs, *task_batches(tokenizer, exs, args.batch_size, max_len, args.device,
+                                                   args.task_order))
              for name, exs in examples.items()}
-    longest = max((t.batches[0].ids.shape[1] for t in tasks.values()), default=0)  # longest first
+    longest = max((b.ids.shape[1] for t in tasks.values() for b in t.batches), default=0)
     window = pp.sliding_window(config)
     if window is not None and longest > window:
         raise UsageError(f"a zero-shot input has {longest} tokens, beyond the model's sliding attention "
@@ -1115,23 +1213,26 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
     names = list(tasks)
     print(f"# zero-shot (0 shots, scored as lm-evaluation-harness 0.4.x): "
           + ", ".join(f"{name} {len(t.examples)}" for name, t in tasks.items())
-          + f" examples; batches of {args.batch_size} inputs, longest first")
+          + f" examples; batches of {args.batch_size} inputs in {args.task_order} order")
     print("# accuracy in % ± standard error; * = acc_norm, else acc; seconds = the whole zero-shot run")
     header = task_header(names, args.width)
     print(header)
     print("-" * len(header))
     for method, ratio in jobs:
-        fn = runner.logits_fn(method, ratio)
-        start = time.perf_counter()
-        results = {name: accuracy(TASKS[name], t.examples,
-                                  score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}"))
-                   for name, t in tasks.items()}
+        start, results = time.perf_counter(), {}
+        for name, t in tasks.items():
+            # A fresh PP history per task, as the official code runs one task per run: a task's
+            # accuracy does not depend on the tasks run before it.
+            fn = runner.logits_fn(method, ratio)
+            scores = score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}")
+            results[name] = accuracy(TASKS[name], t.examples, scores)
+            del fn
         row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
         row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced
-        row.avg_acc = statistics.mean(reported(r) for r in results.values())
-        del fn
+        row.task_order, row.avg_acc = args.task_order, statistics.mean(reported(r) for r in results.values())
         print(format_task_row(row, names, args.width), flush=True)
         write_json(args.json, list(rows.values()))
+    print_paired(list(rows.values()), args.width)
 
 
 class Generated(NamedTuple):
@@ -1299,6 +1400,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     try:
         args = parse_args(argv)
+        if args.merge:
+            print_merged(args, read_rows(args.merge))
+            return 0
         if not args.device.startswith("cuda"):
             keep_freed_memory()
         transformers.logging.set_verbosity_error()  # keep library chatter out of the results

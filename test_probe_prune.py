@@ -1826,15 +1826,16 @@ SCORED = [ev.Example([("Is it red?\nAnswer:", " no"), ("Is it red?\nAnswer:", " 
           ev.Example([("Q: x\nA:", " y"), ("Q: x\nA:", " z"), ("Q: x\nA:", " www")], ["y", "z", "www"], 2)]
 
 
-def scores_of(logits_fn, examples, tok, batch_size, max_len):
+def scores_of(logits_fn, examples, tok, batch_size, max_len, order="length"):
     """eval.py's scores of every request of `examples`, in request order."""
-    batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu")
+    batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu", order)
     return ev.score_requests(logits_fn, batches, n, "test"), batches
 
 
-def test_scores_equal_a_direct_transformers_computation():
+@pytest.mark.parametrize("order", ev.TASK_ORDERS)
+def test_scores_equal_a_direct_transformers_computation(order):
     model, tok, max_len = make_model("llama-gqa"), CharTokenizer(97), 40
-    ours, batches = scores_of(lambda ids, mask: pp.forward(model, ids, mask), SCORED, tok, 3, max_len)
+    ours, batches = scores_of(lambda ids, mask: pp.forward(model, ids, mask), SCORED, tok, 3, max_len, order)
     theirs = [direct_score(model, tok, c, x, max_len) for ex in SCORED for c, x in ex.pairs]
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
     assert not all(bool(b.mask.all()) for b in batches)  # some batches were padded
@@ -1843,8 +1844,8 @@ def test_scores_equal_a_direct_transformers_computation():
     assert sum(len(b.ids) for b in batches) == 8 and len(ours) == 9
 
 
-def test_batches_are_longest_first_and_every_token_scored_once():
-    batches, n = ev.task_batches(CharTokenizer(97), SCORED, 3, 40, "cpu")
+def test_length_order_batches_longest_first_and_scores_every_token_once():
+    batches, n = ev.task_batches(CharTokenizer(97), SCORED, 3, 40, "cpu", "length")
     lengths = [int(m.sum()) for b in batches for m in b.mask]
     assert lengths == sorted(lengths, reverse=True)
     per_request = torch.zeros(n, dtype=torch.long)
@@ -1854,13 +1855,84 @@ def test_batches_are_longest_first_and_every_token_scored_once():
     assert per_request.tolist() == [len(tok.encode(x)) for ex in SCORED for _, x in ex.pairs]
 
 
+def test_dataset_order_batches_consecutive_requests_with_each_examples_choices_adjacent():
+    tok = CharTokenizer(97)
+    batches, n = ev.task_batches(tok, SCORED, 3, 40, "cpu", "dataset")
+    # The requests' rows, in batch order: request r's row is where its tokens lie.
+    row_of = {}
+    for k, b in enumerate(batches):
+        for r, i in zip(b.request.tolist(), b.row.tolist()):
+            row_of[r] = 3 * k + i
+    # Rows follow the requests' dataset order (the last example's " y" and " z" read the same input
+    # "Q: x\nA: ", and share a row), so an example's choices lie in neighbouring rows, and every batch
+    # but the last holds 3 of them.
+    assert [row_of[r] for r in range(n)] == [0, 1, 2, 3, 4, 5, 6, 6, 7]
+    assert [len(b.ids) for b in batches] == [3, 3, 2]
+    # Right-padded: each row's real tokens come first, its padding after them.
+    for b in batches:
+        assert all(bool(m[:int(m.sum())].all()) for m in b.mask) and not all(bool(b.mask.all()) for b in batches)
+    # The row holds the request's context and continuation (but its last token), as in length order.
+    ctx, cont = ev.encode_pair(tok, *SCORED[2].pairs[1])
+    b, i = batches[row_of[5] // 3], row_of[5] % 3
+    assert b.ids[i, :int(b.mask[i].sum())].tolist() == (ctx + cont)[:-1]
+
+
+def test_dense_accuracy_is_the_same_in_both_orders_on_real_tasks(smollm2):
+    # Static methods' predictions do not depend on the batching, up to floating-point ties: the
+    # padding changes the matmul shapes, so two close scores may swap.
+    model, tok = smollm2
+    dense = lambda ids, mask: pp.forward(model, ids, mask)
+    flips = {}
+    for name in ("piqa", "arc_easy", "hellaswag"):
+        exs = ev.read_task(name, str(ZEROSHOT), 12)
+        results = {}
+        for order in ev.TASK_ORDERS:
+            batches, n = ev.task_batches(tok, exs, 8, 2048, "cpu", order)
+            scores = ev.score_requests(dense, batches, n, name)
+            results[order] = (scores, ev.accuracy(ev.TASKS[name], exs, scores))
+        (a, acc_a), (b, acc_b) = results.values()
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
+        flips[name] = sum(x != y for x, y in zip(acc_a["correct"], acc_b["correct"]))
+        assert abs(ev.reported(acc_a) - ev.reported(acc_b)) * len(exs) <= 1
+    assert flips == {"piqa": 0, "arc_easy": 0, "hellaswag": 0}  # in fp32 here, no tie flips
+
+
+def test_correct_lists_have_n_entries_and_average_to_the_reported_accuracy():
+    task = ev.TASKS["piqa"]
+    examples = [ev.Example([("q", " a"), ("q", " bbbb")], ["a", "bbbb"], g) for g in (0, 1, 1, 0, 1)]
+    scores = [-2.0, -4.0, -1.0, -8.0, -3.0, -4.0, -1.0, -0.5, -6.0, -6.5]
+    for t in (task, ev.TASKS["boolq"]):  # acc_norm reported, then acc
+        result = ev.accuracy(t, examples, scores)
+        assert len(result["correct"]) == result["n"] == 5 and set(result["correct"]) <= {0, 1}
+        assert sum(result["correct"]) / 5 == ev.reported(result)
+    assert ev.accuracy(task, examples, scores)["correct"] != ev.accuracy(ev.TASKS["boolq"], examples, scores)["correct"]
+
+
+def test_paired_standard_error_matches_a_hand_computation():
+    a, b = [1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1]
+    # d = a - b = [0, 1, 0, 1, -1, 0]: mean 1/6; sample variance (sum d^2 - n mean^2) / (n - 1) = (3 - 1/6) / 5
+    diff, se = ev.paired_difference(a, b)
+    assert diff == pytest.approx(1 / 6) and se == pytest.approx(math.sqrt((3 - 1 / 6) / 5 / 6))
+    # Two methods that agree on most examples: the paired error is far below the unpaired one.
+    agree_a, agree_b = [1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0, 1, 0]  # d = [0, 0, 0, 1, 0, 0, 0, 0]
+    _, paired = ev.paired_difference(agree_a, agree_b)
+    unpaired = math.hypot(ev.stderr(5 / 8, 8), ev.stderr(4 / 8, 8))
+    assert paired == pytest.approx(math.sqrt((1 - 1 / 8) / 7 / 8)) and paired < unpaired / 2
+    # The average over tasks: the mean of the tasks' differences, their errors added in quadrature.
+    rows = [{"x": {"correct": a}, "y": {"correct": [1, 1, 1, 0]}}, {"x": {"correct": b}, "y": {"correct": [1, 1, 0, 0]}}]
+    diff2, se2 = ev.paired_difference([1, 1, 1, 0], [1, 1, 0, 0])  # d = [0, 0, 1, 0]: 1/4, sqrt((1 - 4/16) / 3 / 4)
+    assert (diff2, se2) == pytest.approx((1 / 4, math.sqrt((1 - 4 / 16) / 3 / 4)))
+    avg, avg_se = ev.average_difference(*rows)
+    assert avg == pytest.approx((1 / 6 + 1 / 4) / 2) and avg_se == pytest.approx(math.hypot(se, se2) / 2)
+
+
 def test_acc_norm_divides_by_characters_and_ties_go_to_the_first_choice():
     task = ev.TASKS["piqa"]
     examples = [ev.Example([("q", " a"), ("q", " bbbb")], ["a", "bbbb"], 1),  # -2/1 < -4/4: norm picks bbbb
                 ev.Example([("q", " aa"), ("q", " bb")], ["aa", "bb"], 0),  # a tie: the first choice
                 ev.Example([("q", " aa"), ("q", " b")], ["aa", "b"], 1)]  # acc and acc_norm both miss
     scores = [-2.0, -4.0, -1.5, -1.5, -1.0, -1.5]
-    assert ev.accuracy(task, examples, scores) == {"acc": 1 / 3, "acc_norm": 2 / 3, "n": 3}
+    assert ev.accuracy(task, examples, scores) == {"acc": 1 / 3, "acc_norm": 2 / 3, "n": 3, "correct": [1, 1, 0]}
     assert ev.accuracy(ev.TASKS["boolq"], examples, scores)["acc_norm"] is None
 
 
@@ -1871,7 +1943,8 @@ def test_winogrande_scores_one_continuation_after_two_contexts():
     assert ex.pairs == [("The trophy didn't fit in the suitcase because the trophy", " was too big."),
                         ("The trophy didn't fit in the suitcase because the suitcase", " was too big.")]
     assert ex.gold == 0
-    assert ev.accuracy(ev.TASKS["winogrande"], [ex], [-3.0, -5.0]) == {"acc": 1.0, "acc_norm": None, "n": 1}
+    assert ev.accuracy(ev.TASKS["winogrande"], [ex], [-3.0, -5.0]) == {"acc": 1.0, "acc_norm": None, "n": 1,
+                                                                         "correct": [1]}
 
 
 def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
@@ -1884,7 +1957,7 @@ def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
     pruner = lambda ratio: pp.ProbePruner(model, pp.PPConfig(ratio=ratio, dense_layers=1)).calibrate(calib)
     dense = lambda ids, mask: pp.forward(model, ids, mask)
     for name, exs in examples.items():
-        batches, n = ev.task_batches(tok, exs, 4, 400, "cpu")
+        batches, n = ev.task_batches(tok, exs, 4, 400, "cpu", "dataset")
         assert not all(bool(b.mask.all()) for b in batches)
         want = ev.score_requests(dense, batches, n, name)
         got = ev.score_requests(pruner(0.0), batches, n, name)
@@ -1910,7 +1983,47 @@ def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path
         assert piqa["n"] == wino["n"] == 3 and wino["acc_norm"] is None
         assert piqa["acc"] * 3 in (0, 1, 2, 3) and piqa["acc_norm"] * 3 in (0, 1, 2, 3)
         assert r["avg_acc"] == pytest.approx((piqa["acc_norm"] + wino["acc"]) / 2)
+        assert r["task_order"] == "dataset" and sum(piqa["correct"]) / 3 == piqa["acc_norm"]
     assert "piqa*" in out and "winogrande " in out and "average" in out
+    # The paired differences: every row to dense, and PP to the baseline.
+    paired = out.split("# paired differences")[1].splitlines()[1:]
+    assert [line.split()[:5] for line in paired] == [["pp", "0.40", "dataset", "-", "dense"],
+                                                     ["wanda-sp", "0.40", "dataset", "-", "dense"],
+                                                     ["pp", "0.40", "dataset", "-", "wanda-sp"]]
+
+
+def test_cli_merge_pairs_rows_of_separate_runs(tiny_model_dir, tmp_path):
+    common = ("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"), "--tasks", "piqa",
+              "--limit", "4", "--task-data", str(ZEROSHOT), "--no-ppl", "--ratio", "0.4", "--seqlen", "128",
+              "--batch-size", "4", "--nsamples", "4")
+    for name, method, order in (("a", "dense", "dataset"), ("b", "pp", "length"), ("c", "flap", "length")):
+        code, _, err = run_cli(*common, "--method", method, "--task-order", order, "--json", str(tmp_path / f"{name}.json"))
+        assert code == 0, err
+    merged = tmp_path / "merged.json"
+    code, out, err = run_cli("--merge", *(str(tmp_path / f"{n}.json") for n in "abc"), "--json", str(merged))
+    assert code == 0, err
+    rows = json.loads(merged.read_text())
+    assert [(r["method"], r["task_order"]) for r in rows] == [("dense", "dataset"), ("pp", "length"), ("flap", "length")]
+    dense, pp_row = rows[0]["tasks"]["piqa"]["correct"], rows[1]["tasks"]["piqa"]["correct"]
+    diff, se = ev.paired_difference(pp_row, dense)
+    assert f"{100 * diff:+.1f} ± {100 * se:.1f}" in next(line for line in out.splitlines() if line.startswith("pp ")
+                                                          and line.split()[4] == "dense")
+    # A file of rows scored on other examples cannot be paired with these.
+    code, _, err = run_cli(*common, "--limit", "3", "--method", "dense", "--json", str(tmp_path / "d.json"))
+    assert code == 0, err
+    code, _, err = run_cli("--merge", str(tmp_path / "a.json"), str(tmp_path / "d.json"))
+    assert_one_line_error(code, err, "--merge: the rows scored different tasks or numbers of examples")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "not a --json file of eval.py (JSONDecodeError)"),
+    ('{"method": "dense"}', "not a --json file of eval.py (TypeError)"),
+    ('[{"method": "dense", "ratio": 0.0, "ppl": 6.0}]', "--merge: no zero-shot rows in these files"),
+])
+def test_cli_merge_of_a_bad_file_is_one_line_and_status_2(tmp_path, content, message):
+    path = tmp_path / "rows.json"
+    path.write_text(content, encoding="utf-8")
+    assert_one_line_error(*run_cli("--merge", str(path))[::2], message)
 
 
 def test_cli_zero_shot_input_beyond_pps_history_is_refused(tiny_model_dir):
