@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nsamples", type=int, default=128,
                    help="calibration windows (the paper: 2000; 128 keeps a CPU run short)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per window")
+    p.add_argument("--save-history", default=None, metavar="FILE",
+                   help="write PP's historical states, once calibrated, to FILE (safetensors, with the model, "
+                        "the positions covered, the dtype and the calibration), for --history to reuse")
+    p.add_argument("--history", default=None, metavar="FILE",
+                   help="PP: use the historical states of a --save-history FILE instead of calibrating (no "
+                        "--calib data needed unless a baseline needs it); refused unless it is this model's "
+                        "and covers --seqlen positions")
     p.add_argument("--batch-size", type=int, default=20, help="windows per batch")
     p.add_argument("--max-batches", type=int, default=None, help="perplexity: only the first N batches")
     p.add_argument("--tasks", nargs="+", default=[], choices=tuple(TASKS) + ("all",),
@@ -174,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_batches", "mlp_multiple", "limit", "grad_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("data", "calib") if not args.no_ppl else ("calib",):
+    for name in (["data"] if not args.no_ppl else []) + (["calib"] if needs_calib(args) else []):
         source = getattr(args, name)
         if source not in HUB_DATA and not os.path.isfile(source):
             raise UsageError(f"--{name}: no such file: {source} (or use one of: {', '.join(HUB_DATA)})")
@@ -188,9 +195,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
-    for option in ("json", "plot"):
+    for option in ("json", "plot", "save_history"):
         if getattr(args, option) is not None:
-            check_output(getattr(args, option), f"--{option}")
+            check_output(getattr(args, option), f"--{option.replace('_', '-')}")
+    check_history_args(args)
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     if args.dtype == "bfloat16" and args.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
@@ -217,6 +225,23 @@ def check_task_args(args) -> None:
         path = task_file(args.task_data, name)
         if not os.path.isfile(path):
             raise UsageError(f"--task-data: no such file: {path}")
+
+
+def check_history_args(args) -> None:
+    """--history and --save-history make sense for this run."""
+    for option in ("history", "save_history"):
+        if getattr(args, option) is not None and not uses_history(args):
+            raise UsageError(f"--{option.replace('_', '-')} applies to PP's historical states, but no "
+                             "method of the run keeps them (--method pp)")
+    if args.history is not None and args.save_history is not None:
+        raise UsageError("--history reuses a saved calibration and --save-history writes a new one: give one")
+    if args.history is not None and not os.path.isfile(args.history):
+        raise UsageError(f"--history: no such file: {args.history}")
+
+
+def needs_calib(args) -> bool:
+    """Whether the run reads --calib: for a baseline's statistics, or PP's history unless --history."""
+    return bool(set(args.method) & set(baselines.METHODS)) or (uses_history(args) and args.history is None)
 
 
 def uses_history(args) -> bool:
@@ -1012,7 +1037,7 @@ class Calibration(NamedTuple):
     """What every method learned from the same calibration windows."""
 
     batches: list[torch.Tensor]  # the windows, batched (second-moment's recovery reruns them)
-    history: list[torch.Tensor] | None  # PP's historical states
+    history: list[torch.Tensor] | dict[int, torch.Tensor] | None  # PP's historical states, by block
     stats: list[baselines.Stats] | None  # the statistics-based baselines' statistics
     scores: dict[str, dict[int, torch.Tensor]]  # baseline -> block -> unit scores
 
@@ -1064,7 +1089,7 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     """Evaluate every requested method and ratio on the same batches, reporting each row at once."""
     dec = pp.read_weights(model)
     tasks = prepare_tasks(args, model.config, tokenizer, examples)  # quick, and may refuse the run
-    runner = Runner(args, model, dec, calibrate(args, tokenizer, dec, docs))
+    runner = Runner(args, model, dec, calibrate(args, model.config, tokenizer, dec, docs))
     jobs = [("dense", 0.0)] if "dense" in args.method else []
     jobs += [(m, r) for r in args.ratio for m in args.method + list(args.variants) if m != "dense"]
     rows: dict[tuple[str, float], Row] = {}
@@ -1078,16 +1103,30 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     return list(rows.values())
 
 
-def calibrate(args, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> Calibration:
-    """PP's historical states and the baselines' scores, from the same calibration documents."""
+def history_about(meta: dict[str, str]) -> str:
+    """One line on a saved history: what it was calibrated on, in which dtype, how many positions."""
+    return f"{meta.get('calibration', 'calibration unknown')}, in {meta.get('dtype', '?')}, {meta['positions']} positions"
+
+
+def calibrate(args, config, tokenizer, dec: pp.Decoder, docs: dict[str, list[str]]) -> Calibration:
+    """PP's historical states (or --history's) and the baselines' scores, from the same calibration
+    documents."""
     calib = Calibration([], None, None, {})
+    if args.history is not None:
+        calib = calib._replace(history=pp.load_history(args.history, config, args.seqlen))
+        print(f"# PP history: {args.history} ({history_about(pp.history_info(args.history))})", flush=True)
     if "calib" not in docs:
         return calib
     calib = calib._replace(batches=calibration_batches(args, tokenizer, docs["calib"]))
-    if uses_history(args):  # kept on the CPU; each pruner copies it to its blocks' devices
+    if uses_history(args) and args.history is None:  # kept on the CPU; each pruner copies it to its blocks' devices
         with reported_step("PP history"):
             history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
         calib = calib._replace(history=[h.cpu() for h in history])
+        if args.save_history is not None:
+            pp.save_history(args.save_history, calib.history, config, {
+                "calibration": f"{args.nsamples} windows of {args.seqlen} tokens from {args.calib}, seed {args.seed}",
+                "dtype": args.dtype})
+            print(f"# PP history saved: {args.save_history}", flush=True)
     wanted = {name: baselines.METHODS[name] for name in args.method if name in baselines.METHODS}
     if any(m.score is not None for m in wanted.values()):
         similarity = any(m.similarity for m in wanted.values())
@@ -1201,9 +1240,10 @@ def prepare_tasks(args, config, tokenizer, examples: dict[str, list[Example]]) -
     if window is not None and longest > window:
         raise UsageError(f"a zero-shot input has {longest} tokens, beyond the model's sliding attention "
                          f"window of {window} (sliding-window attention is not implemented)")
-    if uses_history(args) and longest > args.seqlen:
-        raise UsageError(f"a zero-shot input has {longest} tokens, but PP's historical states cover "
-                         f"--seqlen {args.seqlen} positions: use --seqlen {longest} or more")
+    covered = args.seqlen if args.history is None else int(pp.history_info(args.history)["positions"])
+    if uses_history(args) and longest > covered:
+        raise UsageError(f"a zero-shot input has {longest} tokens, but PP's historical states cover {covered} "
+                         f"positions: calibrate with --seqlen {longest} or more")
     return tasks
 
 
@@ -1419,8 +1459,12 @@ def main(argv: list[str] | None = None) -> int:
                   + (" (GQA: k/v heads are never pruned)" if dense == pruned else " (the kept heads' only)"))
             return 0
         warn_if_emulated(args.device, args.dtype)
-        needs_calib = set(args.method) & set(baselines.METHODS) or uses_history(args)
-        wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib else [])
+        if args.history is not None:  # before any weights load: this model's, covering --seqlen
+            try:
+                pp.check_history_info(pp.history_info(args.history), config, args.seqlen, args.history)
+            except ValueError as e:
+                raise UsageError(f"--history: {e}") from e
+        wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib(args) else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
         torch.manual_seed(args.seed)

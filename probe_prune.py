@@ -753,11 +753,71 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
     return [sums[b] / counts[b].clamp(min=1)[:, None] for b in range(len(dec.blocks))]
 
 
-class ProbePruner:
-    """Probe Pruning of one model: `calibrate` once, then call it on each batch for its logits."""
+# A history saved to disk: a safetensors file (tensors and text metadata, no pickle), so that a
+# calibration (the paper's: 2,000 windows) runs once per model and sequence length.
+HISTORY_FORMAT = "probe-prune history v1"
 
-    def __init__(self, model, cfg: PPConfig = PPConfig(), history: list[Tensor] | None = None):
-        self.cfg = cfg
+
+def model_identity(config) -> dict[str, str]:
+    """What a history belongs to: the model's name, architecture and the sizes its states have."""
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+    name = config.name_or_path  # a hub id, a folder, or a GGUF file's folder
+    return {"model": os.path.basename(os.path.normpath(name)) if name else "", "architecture": config.model_type,
+            "sizes": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                     f"{config.num_attention_heads} heads, MLP {ffn}"}
+
+
+def save_history(path: str, history: dict[int, Tensor] | list[Tensor], config, about: dict[str, str]) -> None:
+    """Write per-block historical states (T, Cz) with the model's identity, the positions they
+    cover and `about` (the calibration, the dtype it ran in) as metadata."""
+    from safetensors.torch import save_file
+
+    blocks = dict(enumerate(history)) if isinstance(history, list) else history
+    positions = min(h.shape[0] for h in blocks.values())
+    meta = {"format": HISTORY_FORMAT, **model_identity(config), "positions": str(positions), **about}
+    save_file({f"block.{b}": h.contiguous().cpu() for b, h in blocks.items()}, path, metadata=meta)
+
+
+def history_info(path: str) -> dict[str, str]:
+    """A history file's metadata, without its tensors; ValueError if it is not a history."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a file in another format
+        raise ValueError(f"{path}: not a probe-prune history ({type(e).__name__})") from e
+    if meta.get("format") != HISTORY_FORMAT:
+        raise ValueError(f"{path}: not a probe-prune history (a safetensors file without its metadata)")
+    return meta
+
+
+def check_history_info(meta: dict[str, str], config, positions: int, path: str) -> None:
+    """Refuse a history computed for another model, or covering fewer than `positions` tokens."""
+    ours = model_identity(config)
+    theirs = {key: meta.get(key) for key in ours}
+    if theirs != ours:
+        describe = lambda m: f"{m['model']} ({m['architecture']}, {m['sizes']})"
+        raise ValueError(f"{path}: a history of {describe(theirs)}, not of {describe(ours)}")
+    if int(meta["positions"]) < positions:
+        raise ValueError(f"{path}: the history covers {meta['positions']} positions, fewer than the "
+                         f"{positions} tokens per sample asked for")
+
+
+def load_history(path: str, config, positions: int) -> dict[int, Tensor]:
+    """The per-block historical states of a file written by `save_history`, checked to fit."""
+    from safetensors.torch import load_file
+
+    check_history_info(history_info(path), config, positions, path)
+    return {int(name.split(".")[1]): h for name, h in load_file(path).items()}
+
+
+class ProbePruner:
+    """Probe Pruning of one model: `calibrate` once (or load a saved history), then call it on
+    each batch for its logits."""
+
+    def __init__(self, model, cfg: PPConfig = PPConfig(), history: dict[int, Tensor] | list[Tensor] | None = None):
+        self.cfg, self.config = cfg, model.config
         self.dec = read_weights(model)
         self.eos_token_id, self.pad_token_id = stop_tokens(model)
         self.n_keep = kept_counts(self.dec, cfg)  # block -> units kept; the dense layers' blocks absent
@@ -771,14 +831,27 @@ class ProbePruner:
             self.set_history(history)
         self.stage_seconds: dict[str, float] | None = None  # set to {} to add up each stage's wall time
 
-    def set_history(self, history: list[Tensor]) -> None:
+    def set_history(self, history: dict[int, Tensor] | list[Tensor]) -> None:
         """Own a copy of the pruned blocks' historical states, each on its block's device."""
+        blocks = dict(enumerate(history)) if isinstance(history, list) else history
+        if missing := sorted(set(self.n_keep) - set(blocks)):
+            raise ValueError(f"the history has no states of blocks {missing} (saved with more dense layers?)")
         # The EMA updates it in place: a copy, so that it never aliases another pruner's.
-        self.history = {b: history[b].to(block_device(self.dec.blocks[b]), copy=True) for b in self.n_keep}
+        self.history = {b: blocks[b].to(block_device(self.dec.blocks[b]), copy=True) for b in self.n_keep}
 
     def calibrate(self, batches: Iterable[Batch]) -> ProbePruner:
         """Set the historical states from calibration batches (dense forward)."""
         self.set_history(collect_history(self.dec, batches))
+        return self
+
+    def save_history(self, path: str, about: dict[str, str] | None = None) -> None:
+        """Write the pruned blocks' historical states to `path` (`save_history`)."""
+        save_history(path, self.history, self.config, about or {})
+
+    def load_history(self, path: str, positions: int = 1) -> ProbePruner:
+        """Set the historical states from a file of `save_history`, refused unless it is this
+        model's and covers `positions` tokens per sample."""
+        self.set_history(load_history(path, self.config, positions))
         return self
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, logits: bool = True) -> Tensor:

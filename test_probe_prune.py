@@ -664,6 +664,41 @@ def test_real_model_pp_beats_random_pruning(smollm2, wiki_windows):
     assert math.isfinite(pruned) and dense < pruned < random_ppl, (dense, pruned, random_ppl)
 
 
+def test_a_saved_history_loads_bit_for_bit_and_prunes_alike(tmp_path):
+    model = make_model("llama-gqa")
+    cfg = pp.PPConfig(ratio=0.4, dense_layers=1)
+    pruner = calibrated(model, cfg)
+    path = str(tmp_path / "history.safetensors")
+    pruner.save_history(path, {"calibration": "two random batches", "dtype": "float32"})
+    meta = pp.history_info(path)
+    assert meta["positions"] == "20" and meta["calibration"] == "two random batches"
+    assert meta["architecture"] == "llama" and meta["sizes"].startswith(f"{model.config.num_hidden_layers} layers")
+    loaded = pp.ProbePruner(model, cfg).load_history(path, positions=20)
+    assert loaded.history.keys() == pruner.history.keys()
+    assert all(torch.equal(loaded.history[b], pruner.history[b]) for b in pruner.history)
+    torch.manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (4, 20))
+    assert torch.equal(loaded(ids), pruner(ids))  # the same units, the same logits (and EMA)
+
+
+def test_a_history_that_does_not_fit_is_refused(tmp_path):
+    model = make_model("llama-gqa")
+    path = str(tmp_path / "history.safetensors")
+    calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1)).save_history(path)
+    with pytest.raises(ValueError, match="covers 20 positions, fewer than the 21"):
+        pp.ProbePruner(model, pp.PPConfig(ratio=0.4, dense_layers=1)).load_history(path, positions=21)
+    with pytest.raises(ValueError, match="no states of blocks \\[0, 1\\]"):  # saved without the dense layer's
+        pp.ProbePruner(model, pp.PPConfig(ratio=0.4, dense_layers=0)).load_history(path)
+    with pytest.raises(ValueError, match="a history of .*\\(llama, .*\\), not of .*\\(opt, "):
+        pp.ProbePruner(make_model("opt-pre-ln"), pp.PPConfig(ratio=0.4, dense_layers=1)).load_history(path)
+    (tmp_path / "text").write_text("not tensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain"))  # tensors, but not ours
+    for other in ("text", "plain"):
+        with pytest.raises(ValueError, match="not a probe-prune history"):
+            pp.history_info(str(tmp_path / other))
+
+
 # -----------------------------------------------------------------------------------------
 # Baselines (baselines.py)
 
@@ -2033,8 +2068,8 @@ def test_cli_zero_shot_input_beyond_pps_history_is_refused(tiny_model_dir):
     # Found once the prompts are tokenized, after the weights load (their progress bar precedes it).
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("eval.py: error: a zero-shot input has ") and "use --seqlen" in last
-    assert "PP's historical states cover --seqlen 16 positions" in last
+    assert last.startswith("eval.py: error: a zero-shot input has ") and "calibrate with --seqlen" in last
+    assert "PP's historical states cover 16 positions" in last
 
 
 def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
@@ -2045,6 +2080,42 @@ def test_cli_without_tasks_has_no_task_fields(tiny_model_dir, tmp_path):
     assert code == 0, err
     row, = json.loads(results.read_text())
     assert row["tasks"] is None and row["avg_acc"] is None and math.isfinite(row["ppl"])
+
+
+def test_cli_saved_history_gives_the_same_pp_perplexity_without_calibration_data(tiny_model_dir, tmp_path):
+    common = ("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"), "--method", "pp",
+              "--seqlen", "32", "--batch-size", "2", "--max-batches", "2", "--nsamples", "4")
+    saved = tmp_path / "h.safetensors"
+    code, out, err = run_cli(*common, "--calib", str(tiny_model_dir / "calib.jsonl"), "--save-history", str(saved),
+                             "--json", str(tmp_path / "a.json"))
+    assert code == 0, err
+    assert f"# PP history saved: {saved}" in out
+    code, out, err = run_cli(*common, "--calib", "no/such/calib.jsonl", "--history", str(saved),
+                             "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert "# calibration:" not in out and f"# PP history: {saved} (4 windows of 32 tokens from " in out
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text())[0]["ppl"] for n in "ab")
+    assert first == second and math.isfinite(first)  # bit for bit
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seqlen", "64"], "--history: {h}: the history covers 32 positions, fewer than the 64"),
+    (["--model", "{smollm2}"], "--history: {h}: a history of tiny"),
+    (["--history", "{readme}"], "not a probe-prune history (SafetensorError)"),
+    (["--history", "no/such/file"], "--history: no such file"),
+    (["--method", "dense"], "--history applies to PP's historical states"),
+    (["--save-history", "{h}"], "--history reuses a saved calibration and --save-history writes a new one"),
+])
+def test_cli_history_that_does_not_fit_is_one_line_and_status_2(tiny_model_dir, tmp_path, args, message):
+    saved = tmp_path / "h.safetensors"
+    base = ("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"), "--calib",
+            str(tiny_model_dir / "calib.jsonl"), "--method", "pp", "--seqlen", "32", "--batch-size", "2",
+            "--max-batches", "1", "--nsamples", "2")
+    code, _, err = run_cli(*base, "--save-history", str(saved))
+    assert code == 0, err
+    fill = lambda a: a.format(h=saved, smollm2=pp.default_model(), readme=HERE / "README.md")
+    code, _, err = run_cli(*base, *([] if "--history" in args else ["--history", str(saved)]), *map(fill, args))
+    assert_one_line_error(code, err, fill(message))
 
 
 @pytest.fixture(scope="session")
