@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -97,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
     p.add_argument("--task-data", default=None, metavar="DIR",
                    help="zero-shot: read DIR/<task>.jsonl (hub field layout) instead of the hub datasets")
+    p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
+                   help="also evaluate on these lm-evaluation-harness tasks (any task or group it knows, e.g. "
+                        "arc_easy lambada_openai wikitext gsm8k), every method through this forward, PP "
+                        "pruning each batch; needs lm-eval installed (pip install lm-eval)")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="--lm-eval: also read the task YAML files in DIR (e.g. tasks on local files)")
     p.add_argument("--task-order", choices=TASK_ORDERS, default="dataset",
                    help="zero-shot batches: 'dataset' as the official PP code and the paper (each example's "
                         "choices adjacent, --batch-size consecutive requests a batch, right-padded); 'length' "
@@ -211,11 +219,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_task_args(args) -> None:
     """The zero-shot options make sense together, and every task file asked for exists."""
+    if args.lm_eval and importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--lm-eval needs lm-evaluation-harness, which is not installed (pip install lm-eval)")
+    if args.lm_eval_include is not None and not args.lm_eval:
+        raise UsageError("--lm-eval-include applies to --lm-eval only")
+    if args.lm_eval_include is not None and not os.path.isdir(args.lm_eval_include):
+        raise UsageError(f"--lm-eval-include: no such folder: {args.lm_eval_include}")
     if not args.tasks:
-        if args.no_ppl and args.generate is None:
-            raise UsageError("--no-ppl leaves nothing to evaluate without --tasks or --generate")
-        if args.limit is not None or args.task_data is not None:
-            raise UsageError("--limit and --task-data apply to --tasks only")
+        if args.no_ppl and args.generate is None and not args.lm_eval:
+            raise UsageError("--no-ppl leaves nothing to evaluate without --tasks, --lm-eval or --generate")
+        if args.task_data is not None:
+            raise UsageError("--task-data applies to --tasks only")
+        if args.limit is not None and not args.lm_eval:
+            raise UsageError("--limit applies to --tasks and --lm-eval only")
         return
     if args.task_data is None:
         return
@@ -628,6 +644,12 @@ def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: i
     """The task's requests (every choice of every example) as right-padded batches of `batch_size`
     inputs in `order` (TASK_ORDERS), and their count."""
     requests = [encode_pair(tokenizer, ctx, cont) for ex in examples for ctx, cont in ex.pairs]
+    return batch_requests(requests, batch_size, max_len, device, order), len(requests)
+
+
+def batch_requests(requests: list[tuple[list[int], list[int]]], batch_size: int, max_len: int, device: str,
+                   order: str) -> list[TaskBatch]:
+    """Requests (context tokens, continuation tokens) as right-padded batches of `batch_size` inputs."""
     # The model reads context + continuation but its last token, at most max_len tokens (the last
     # ones, as lm-eval). Requests that read the same input (BoolQ's one-token " no"/" yes") share a row.
     readers: dict[tuple[int, ...], list[int]] = {}  # input -> its requests
@@ -653,20 +675,23 @@ def task_batches(tokenizer, examples: list[Example], batch_size: int, max_len: i
         mask = torch.arange(ids.shape[1]) < torch.tensor([len(inp) for inp in chunk])[:, None]
         index = [torch.tensor(v) for v in (row, pos, target, request)]
         batches.append(TaskBatch(*(t.to(device) for t in (ids, mask, *index))))
-    return batches, len(requests)
+    return batches
 
 
 def score_requests(logits_fn: Callable[..., torch.Tensor], batches: list[TaskBatch], n_requests: int,
-                   desc: str) -> list[float]:
-    """log P(continuation | context) of every request: the sum over its tokens, in fp32."""
+                   desc: str) -> tuple[list[float], list[bool]]:
+    """log P(continuation | context) of every request, the sum over its tokens in fp32; and whether
+    greedy decoding would give the continuation (lm-eval's is_greedy)."""
     scores = torch.zeros(n_requests, device=batches[0].ids.device)
+    misses = torch.zeros(n_requests, dtype=torch.long, device=batches[0].ids.device)
     for b in progress(batches, desc):
         logits = logits_fn(b.ids, b.mask)  # (B, T, V)
         # Only the continuations' positions: a log-softmax over (N, V), not the batch's (B, T, V).
         logp = F.log_softmax(logits[b.row, b.pos].float(), dim=-1)  # (N, V)
         scores.index_add_(0, b.request, logp.gather(1, b.target[:, None])[:, 0])
+        misses.index_add_(0, b.request, (logp.argmax(-1) != b.target).long())
         del logits
-    return scores.tolist()  # the task's one host sync
+    return scores.tolist(), (misses == 0).tolist()  # the task's one host sync
 
 
 def argmax(values: list[float]) -> int:
@@ -712,6 +737,95 @@ def average_difference(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, f
 
 
 # -----------------------------------------------------------------------------------------
+# lm-evaluation-harness as an optional back end: any of its tasks, its requests answered by our
+# forward (HFLM pads with token 0 and passes no mask, which PP's probe would take for text)
+
+
+def lm_eval_base() -> type:
+    """lm-eval's model interface where lm-eval is installed, else object (--lm-eval is then refused)."""
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        return object
+    return LM
+
+
+class PrunedLM(lm_eval_base()):
+    """One method at one ratio as an lm-eval model: log-likelihoods on padded, masked batches, as
+    --tasks builds them; rolling log-likelihoods on lm-eval's perplexity windows; generate_until
+    through our KV cache, PP choosing the structure on each prompt batch."""
+
+    def __init__(self, logits_fn, prefill_fn: pp.PrefillFn, tokenizer, model, args, max_length: int):
+        super().__init__()
+        self.logits_fn, self.prefill_fn, self.tokenizer, self.args = logits_fn, prefill_fn, tokenizer, args
+        self.max_length = max_length
+        self.eos, self.pad = pp.stop_tokens(model)
+        # lm-eval's context for a text with none: the BOS token, else EOS (as HFLM).
+        self.prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def score(self, requests: list[tuple[list[int], list[int]]], desc: str) -> tuple[list[float], list[bool]]:
+        """score_requests over token requests, batched as --tasks batches them."""
+        a = self.args
+        return score_requests(self.logits_fn, batch_requests(requests, a.batch_size, self.max_length, a.device,
+                                                             a.task_order), len(requests), desc)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), is_greedy) of each request's (context, continuation)."""
+        pairs = [([self.prefix], self.tokenizer.encode(cont)) if ctx == "" else encode_pair(self.tokenizer, ctx, cont)
+                 for ctx, cont in (r.args for r in requests)]
+        return list(zip(*self.score(pairs, "lm-eval loglikelihood")))
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """log P(text) of each request, over lm-eval's disjoint windows of at most max_length tokens."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owner = [], []
+        for i, r in enumerate(requests):
+            tokens = self.tokenizer.encode(r.args[0])
+            for w in get_rolling_token_windows(tokens, self.prefix, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(w))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, s in zip(owner, self.score(windows, "lm-eval rolling loglikelihood")[0]):
+            totals[i] += s
+        return totals
+
+    def generate_until(self, requests) -> list[str]:
+        """Each request's continuation (greedy unless its gen_kwargs sample), cut at its stop strings."""
+        texts, size = [], self.args.batch_size
+        for gen, group in itertools.groupby(requests, key=lambda r: r.args[1]):  # the same gen_kwargs
+            contexts = [r.args[0] for r in group]
+            for start in range(0, len(contexts), size):
+                texts += self.generate_batch(contexts[start:start + size], gen)
+        return texts
+
+    def generate_batch(self, contexts: list[str], gen: dict) -> list[str]:
+        """Contexts sharing gen_kwargs, left-padded into one batch; their continuations' texts."""
+        gen = dict(gen)
+        n_new = int(gen.pop("max_gen_toks", gen.pop("max_new_tokens", 256)))
+        until = gen.pop("until", []) or []
+        eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+        until = ([until] if isinstance(until, str) else list(until)) + [eos_text]  # as HFLM
+        sample = {"temperature": float(gen.get("temperature", 0.0)) if gen.get("do_sample") else 0.0,
+                  "top_p": float(gen.get("top_p", 1.0))}
+        encoded = [self.tokenizer.encode(c)[-(self.max_length - n_new):] for c in contexts]  # left-truncated
+        T = max(map(len, encoded))
+        ids = torch.full((len(encoded), T), self.pad or 0, dtype=torch.long)
+        mask = torch.zeros(len(encoded), T, dtype=torch.bool)
+        for i, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
+            ids[i, T - len(e):], mask[i, T - len(e):] = torch.tensor(e), True
+        out = pp.decode(self.prefill_fn, ids.to(self.args.device), mask.to(self.args.device), n_new,
+                        eos_token_id=self.eos, pad_token_id=self.pad, **sample)
+        texts = []
+        for row in out[:, T:].tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0] if stop else text
+            texts.append(text)
+        return texts
+
+
+# -----------------------------------------------------------------------------------------
 # Measurement
 
 
@@ -734,6 +848,7 @@ class Row:
     tasks: dict[str, dict] | None = None  # --tasks: task -> {"acc", "acc_norm" (None if undefined), "n",
     #                                       "correct": each example's 1/0 under the reported accuracy}
     task_order: str | None = None  # --tasks: how the requests were batched (TASK_ORDERS)
+    lm_eval: dict[str, dict] | None = None  # --lm-eval: task -> lm-eval's results ({"acc,none": ..., ...})
     avg_acc: float | None = None  # mean over the tasks of acc_norm where defined, else acc
     tasks_seconds: float | None = None  # wall time of the whole zero-shot evaluation
     gen_ppl: float | None = None  # --generate: perplexity of the new tokens, structure chosen on the prompt
@@ -1079,6 +1194,14 @@ class Runner:
         built = self.build(method, ratio)
         return partial(pp.prefill, built) if isinstance(built, pp.Decoder) else built.prefill
 
+    def lm(self, method: str, ratio: float, tokenizer, max_length: int) -> PrunedLM:
+        """The method as an lm-eval model, its logits and prefill from one build (one pruning)."""
+        built = self.build(method, ratio)
+        if isinstance(built, pp.Decoder):
+            return PrunedLM(partial(pp.run, built), partial(pp.prefill, built), tokenizer, self.model, self.args,
+                            max_length)
+        return PrunedLM(built, built.prefill, tokenizer, self.model, self.args, max_length)
+
     def label(self, method: str) -> str:
         """The method's name in the results."""
         return method + RECOVERY_SUFFIX if method == "second-moment" and self.args.recovery else method
@@ -1098,6 +1221,8 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
         run_perplexity(args, runner, tokenizer, docs["data"], scored, rows)
     if tasks:
         run_tasks(args, runner, tasks, scored, rows)
+    if args.lm_eval:
+        run_lm_eval(args, runner, tokenizer, scored, rows)
     if args.generate is not None:
         run_generation(args, runner, tokenizer, docs["data"], jobs, rows)
     return list(rows.values())
@@ -1240,7 +1365,7 @@ def prepare_tasks(args, config, tokenizer, examples: dict[str, list[Example]]) -
     if window is not None and longest > window:
         raise UsageError(f"a zero-shot input has {longest} tokens, beyond the model's sliding attention "
                          f"window of {window} (sliding-window attention is not implemented)")
-    covered = args.seqlen if args.history is None else int(pp.history_info(args.history)["positions"])
+    covered = history_positions(args)
     if uses_history(args) and longest > covered:
         raise UsageError(f"a zero-shot input has {longest} tokens, but PP's historical states cover {covered} "
                          f"positions: calibrate with --seqlen {longest} or more")
@@ -1264,7 +1389,7 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
             # A fresh PP history per task, as the official code runs one task per run: a task's
             # accuracy does not depend on the tasks run before it.
             fn = runner.logits_fn(method, ratio)
-            scores = score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}")
+            scores, _ = score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}")
             results[name] = accuracy(TASKS[name], t.examples, scores)
             del fn
         row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
@@ -1273,6 +1398,50 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
         print(format_task_row(row, names, args.width), flush=True)
         write_json(args.json, list(rows.values()))
     print_paired(list(rows.values()), args.width)
+
+
+def lm_eval_manager(args):
+    """lm-eval's task index (and --lm-eval-include's), once every --lm-eval name is found in it."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=args.lm_eval_include)
+    unknown = [name for name in args.lm_eval if name not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"--lm-eval: lm-eval knows no task {', '.join(map(repr, unknown))}"
+                         + (f" (nor does {args.lm_eval_include})" if args.lm_eval_include else ""))
+    try:  # reads each task's config and data now, so that a mistake in either stops the run here
+        manager.load(args.lm_eval)
+    except Exception as e:  # lm-eval and datasets raise many types for a bad YAML or data file
+        raise UsageError(f"--lm-eval: cannot load the tasks: {type(e).__name__}: {e}".splitlines()[0]) from e
+    return manager
+
+
+def history_positions(args) -> int:
+    """Tokens per sample PP's history covers: --seqlen's calibration, or --history's file."""
+    return args.seqlen if args.history is None else int(pp.history_info(args.history)["positions"])
+
+
+def run_lm_eval(args, runner: Runner, tokenizer, jobs: list[tuple[str, float]], rows: dict[tuple[str, float], Row]) -> None:
+    """Every job on the --lm-eval tasks through lm-eval, one task at a time (a fresh PP history each)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import make_table
+
+    # HFLM's context: the model's (here also its sliding window), and for PP what its history covers.
+    max_length = min(args.context, history_positions(args)) if uses_history(args) else args.context
+    print(f"# lm-eval {importlib.metadata.version('lm_eval')}: {', '.join(args.lm_eval)}; inputs of up to "
+          f"{max_length} tokens, batches of {args.batch_size} in {args.task_order} order")
+    for method, ratio in jobs:
+        results = {}
+        for task in args.lm_eval:
+            lm = runner.lm(method, ratio, tokenizer, max_length)
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=args.lm_eval_manager, limit=args.limit,
+                                  log_samples=False)
+            results.update({name: {k: v for k, v in r.items() if k != "alias"} for name, r in out["results"].items()})
+            print(f"# lm-eval, {runner.label(method)} at {ratio}: {task}\n{make_table(out)}", flush=True)
+            del lm
+        row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
+        row.lm_eval = results
+        write_json(args.json, list(rows.values()))
 
 
 class Generated(NamedTuple):
@@ -1467,6 +1636,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib(args) else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
+        args.lm_eval_manager = lm_eval_manager(args) if args.lm_eval else None
         torch.manual_seed(args.seed)
         try:
             model, tokenizer = pp.load_model(args.model, args.device, DTYPES[args.dtype],

@@ -1,5 +1,6 @@
 """Tests grouped as the README's stages: the forward, stages 1-4, end to end, baselines, generation, eval.py."""
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -1864,7 +1865,7 @@ SCORED = [ev.Example([("Is it red?\nAnswer:", " no"), ("Is it red?\nAnswer:", " 
 def scores_of(logits_fn, examples, tok, batch_size, max_len, order="length"):
     """eval.py's scores of every request of `examples`, in request order."""
     batches, n = ev.task_batches(tok, examples, batch_size, max_len, "cpu", order)
-    return ev.score_requests(logits_fn, batches, n, "test"), batches
+    return ev.score_requests(logits_fn, batches, n, "test")[0], batches
 
 
 @pytest.mark.parametrize("order", ev.TASK_ORDERS)
@@ -1923,7 +1924,7 @@ def test_dense_accuracy_is_the_same_in_both_orders_on_real_tasks(smollm2):
         results = {}
         for order in ev.TASK_ORDERS:
             batches, n = ev.task_batches(tok, exs, 8, 2048, "cpu", order)
-            scores = ev.score_requests(dense, batches, n, name)
+            scores, _ = ev.score_requests(dense, batches, n, name)
             results[order] = (scores, ev.accuracy(ev.TASKS[name], exs, scores))
         (a, acc_a), (b, acc_b) = results.values()
         assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
@@ -1994,11 +1995,11 @@ def test_pp_at_ratio_zero_gives_the_dense_accuracies_on_padded_batches():
     for name, exs in examples.items():
         batches, n = ev.task_batches(tok, exs, 4, 400, "cpu", "dataset")
         assert not all(bool(b.mask.all()) for b in batches)
-        want = ev.score_requests(dense, batches, n, name)
-        got = ev.score_requests(pruner(0.0), batches, n, name)
+        want, _ = ev.score_requests(dense, batches, n, name)
+        got, _ = ev.score_requests(pruner(0.0), batches, n, name)
         assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
         assert ev.accuracy(ev.TASKS[name], exs, got) == ev.accuracy(ev.TASKS[name], exs, want)
-        pruned = ev.score_requests(pruner(0.4), batches, n, name)
+        pruned, _ = ev.score_requests(pruner(0.4), batches, n, name)
         assert pruned != pytest.approx(want, rel=1e-3)  # and at 0.4 PP does prune these batches
 
 
@@ -2140,10 +2141,152 @@ def bad_task_data(tmp_path_factory):
     (["--tasks", "squad"], "invalid choice: 'squad'"),
     (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive integer"),
     (["--no-ppl"], "--no-ppl leaves nothing to evaluate without --tasks"),
-    (["--limit", "5"], "--limit and --task-data apply to --tasks only"),
+    (["--limit", "5"], "--limit applies to --tasks and --lm-eval only"),
 ])
 def test_cli_bad_task_input_is_one_line_and_status_2(config_only_dir, bad_task_data, args, message, own_text):
     args = [a.replace("{bad}", str(bad_task_data)) for a in args]
     code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
     # config_only_dir has no weights: an input accepted runs until the model fails to load.
     assert_one_line_error(code, err, message or "cannot load model")
+
+
+# -----------------------------------------------------------------------------------------
+# eval.py --lm-eval: lm-evaluation-harness's tasks through the written-out forward
+
+# lm-eval's own YAML of each commonsense task, and the split that eval.py's --tasks reads.
+LM_EVAL_YAMLS = {"boolq": ("super_glue/boolq/default.yaml", "validation"), "piqa": ("piqa/piqa.yaml", "validation"),
+                 "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+                 "winogrande": ("winogrande/default.yaml", "validation"), "arc_easy": ("arc/arc_easy.yaml", "test"),
+                 "arc_challenge": ("arc/arc_challenge.yaml", "test"),
+                 "openbookqa": ("openbookqa/openbookqa.yaml", "test")}
+
+
+def needs_lm_eval():
+    """Skip without lm-evaluation-harness (optional for users); CI installs it, and fails instead."""
+    if importlib.util.find_spec("lm_eval") is None:
+        msg = "lm-evaluation-harness is not installed (pip install lm-eval)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def local_tasks(tmp_path_factory):
+    """lm-eval tasks on local files: lm-eval's seven commonsense tasks on ../shared's copies
+    (<task>_local), WikiText documents (rolling log-likelihood) and short questions (generate_until)."""
+    needs_lm_eval()
+    needs(ZEROSHOT, WIKI_TEST)
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    for name, (yaml, split) in LM_EVAL_YAMLS.items():
+        (folder / f"{name}_local.yaml").write_text(
+            f"include: {builtin / yaml}\ntask: {name}_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
+            f"training_split: null\n{'validation_split: null' if split == 'test' else ''}\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {ZEROSHOT / name}.jsonl\n")
+    text = WIKI_TEST.read_text(encoding="utf-8")
+    (folder / "pages.jsonl").write_text("".join(json.dumps({"page": text[i:i + 2500]}) + "\n"
+                                                for i in range(0, 10000, 2500)))
+    (folder / "wiki_local.yaml").write_text(
+        f"include: {builtin / 'wikitext/wikitext.yaml'}\ntask: wiki_local\ndataset_path: json\ndataset_name: null\n"
+        f"training_split: null\nvalidation_split: null\ndataset_kwargs:\n  data_files:\n    test: {folder / 'pages.jsonl'}\n")
+    with open(ZEROSHOT / "arc_easy.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(next(f)) for _ in range(8)]
+    (folder / "qa.jsonl").write_text("".join(json.dumps({"question": d["question"], "answer": d["choices"]["text"][0]})
+                                             + "\n" for d in docs))
+    (folder / "qa_gen.yaml").write_text(
+        f"task: qa_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'qa.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  do_sample: false\n"
+        "  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder
+
+
+def our_lm(model, tok, include, *options):
+    """A function making eval.py's dense lm-eval model (fresh each call), with --lm-eval options."""
+    args = ev.parse_args(["--lm-eval", "qa_gen", "--lm-eval-include", str(include), "--no-ppl", *options])
+    runner = ev.Runner(args, model, pp.read_weights(model), ev.Calibration([], None, None, {}))
+    return lambda: runner.lm("dense", 0.0, tok, model.config.max_position_embeddings)
+
+
+def test_lm_eval_dense_equals_hflm_on_choices_rolling_perplexity_and_generation(smollm2, local_tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok = smollm2
+    manager = TaskManager(include_path=str(local_tasks))
+    ours = our_lm(model, tok, local_tasks, "--batch-size", "4")  # padded, masked batches
+    theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    run = lambda lm, task, limit: simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                                  bootstrap_iters=0)
+    a, b = run(ours(), "piqa_local", 12), run(theirs, "piqa_local", 12)
+    assert a["results"]["piqa_local"]["acc,none"] == b["results"]["piqa_local"]["acc,none"]
+    assert a["results"]["piqa_local"]["acc_norm,none"] == b["results"]["piqa_local"]["acc_norm,none"]
+    scores = lambda r: [x[0] for s in r["samples"]["piqa_local"] for x in s["filtered_resps"]]
+    assert scores(a) == pytest.approx(scores(b), rel=1e-4)
+    a, b = run(ours(), "wiki_local", 4), run(theirs, "wiki_local", 4)
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert a["results"]["wiki_local"][metric] == pytest.approx(b["results"]["wiki_local"][metric], rel=1e-4)
+    a, b = run(ours(), "qa_gen", 8), run(theirs, "qa_gen", 8)
+    texts = lambda r: [s["filtered_resps"][0] for s in r["samples"]["qa_gen"]]
+    assert texts(a) == texts(b) and any(t.strip() for t in texts(a))
+    assert a["results"]["qa_gen"]["exact_match,none"] == b["results"]["qa_gen"]["exact_match,none"]
+
+
+def test_lm_eval_commonsense_tasks_give_the_tasks_dense_accuracies(smollm2, local_tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model, tok = smollm2
+    manager = TaskManager(include_path=str(local_tasks))
+    ours = our_lm(model, tok, local_tasks, "--batch-size", "8")
+    dense = lambda ids, mask: pp.forward(model, ids, mask)
+    for name in ev.TASKS:
+        exs = ev.read_task(name, str(ZEROSHOT), 8)
+        batches, n = ev.task_batches(tok, exs, 8, 8192, "cpu", "dataset")
+        want = ev.accuracy(ev.TASKS[name], exs, ev.score_requests(dense, batches, n, name)[0])
+        got = simple_evaluate(model=ours(), tasks=[f"{name}_local"], task_manager=manager, limit=8,
+                              bootstrap_iters=0)["results"][f"{name}_local"]
+        metric = "acc,none" if want["acc_norm"] is None else "acc_norm,none"
+        assert got[metric] == ev.reported(want), name
+
+
+def test_cli_lm_eval_rows_for_dense_pp_and_a_baseline(tiny_model_dir, local_tasks, tmp_path):
+    results = tmp_path / "rows.json"
+    code, out, err = run_cli("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"),
+                             "--lm-eval", "piqa_local", "wiki_local", "qa_gen", "--lm-eval-include", str(local_tasks),
+                             "--limit", "2", "--no-ppl", "--method", "dense", "pp", "wanda-sp", "--ratio", "0.4",
+                             "--seqlen", "128", "--batch-size", "4", "--nsamples", "4", "--json", str(results))
+    assert code == 0, err
+    rows = json.loads(results.read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0), ("pp", 0.4), ("wanda-sp", 0.4)]
+    for r in rows:
+        assert set(r["lm_eval"]) == {"piqa_local", "wiki_local", "qa_gen"}
+        assert r["lm_eval"]["piqa_local"]["acc,none"] in (0.0, 0.5, 1.0)
+        assert math.isfinite(r["lm_eval"]["wiki_local"]["word_perplexity,none"])
+        assert r["lm_eval"]["qa_gen"]["exact_match,none"] in (0.0, 0.5, 1.0)
+    # PP pruned: its perplexity is not dense's. Inputs are cut to the 128 positions its history covers.
+    assert rows[1]["lm_eval"]["wiki_local"] != rows[0]["lm_eval"]["wiki_local"]
+    assert "inputs of up to 128 tokens" in out and "# lm-eval, pp at 0.4: qa_gen" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lm-eval", "no_such_task_zz"], "--lm-eval: lm-eval knows no task 'no_such_task_zz'"),
+    (["--lm-eval", "piqa", "--lm-eval-include", "no/such/dir"], "--lm-eval-include: no such folder"),
+    (["--lm-eval-include", "."], "--lm-eval-include applies to --lm-eval only"),
+])
+def test_cli_bad_lm_eval_input_is_one_line_and_status_2(config_only_dir, own_text, args, message):
+    needs_lm_eval()
+    code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
+    assert_one_line_error(code, err, message)
+
+
+def test_cli_lm_eval_without_lm_eval_installed_is_one_line_before_the_weights(config_only_dir, own_text):
+    # As on a machine without lm-eval: its import fails (a None entry in sys.modules).
+    hide = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", hide, str(HERE / "eval.py"), "--model", str(config_only_dir),
+                        "--data", own_text["data"], "--calib", own_text["calib"], "--lm-eval", "piqa"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert_one_line_error(p.returncode, p.stderr, "--lm-eval needs lm-evaluation-harness, which is not installed "
+                                                  "(pip install lm-eval)")
