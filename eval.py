@@ -803,6 +803,9 @@ class PrunedLM(lm_eval_base()):
         """Contexts sharing gen_kwargs, left-padded into one batch; their continuations' texts."""
         gen = dict(gen)
         n_new = int(gen.pop("max_gen_toks", gen.pop("max_new_tokens", 256)))
+        if n_new >= self.max_length:
+            raise UsageError(f"an lm-eval task asks for {n_new} new tokens, but inputs here have at most "
+                             f"{self.max_length} (the model's context; for PP, the positions its history covers)")
         until = gen.pop("until", []) or []
         eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
         until = ([until] if isinstance(until, str) else list(until)) + [eos_text]  # as HFLM

@@ -2270,6 +2270,14 @@ def test_cli_lm_eval_rows_for_dense_pp_and_a_baseline(tiny_model_dir, local_task
     assert "inputs of up to 128 tokens" in out and "# lm-eval, pp at 0.4: qa_gen" in out
 
 
+def test_lm_eval_generation_beyond_the_inputs_length_is_refused(smollm2):
+    model, tok = smollm2
+    args = ev.parse_args(["--no-ppl", "--tasks", "piqa"])
+    runner = ev.Runner(args, model, pp.read_weights(model), ev.Calibration([], None, None, {}))
+    with pytest.raises(ev.UsageError, match="asks for 256 new tokens, but inputs here have at most 128"):
+        runner.lm("dense", 0.0, tok, 128).generate_batch(["Question: why?"], {"until": ["\n"], "max_gen_toks": 256})
+
+
 @pytest.mark.parametrize("args,message", [
     (["--lm-eval", "no_such_task_zz"], "--lm-eval: lm-eval knows no task 'no_such_task_zz'"),
     (["--lm-eval", "piqa", "--lm-eval-include", "no/such/dir"], "--lm-eval-include: no such folder"),
