@@ -1210,8 +1210,8 @@ class Runner:
         return method + RECOVERY_SUFFIX if method == "second-moment" and self.args.recovery else method
 
 
-def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
-                examples: dict[str, list[Example]]) -> list[Row]:
+def run_methods(args, model, tokenizer, docs: dict[str, list[str]], examples: dict[str, list[Example]],
+                lm_tasks=None) -> list[Row]:  # lm_tasks: lm-eval's TaskManager, for --lm-eval
     """Evaluate every requested method and ratio on the same batches, reporting each row at once."""
     dec = pp.read_weights(model)
     tasks = prepare_tasks(args, model.config, tokenizer, examples)  # quick, and may refuse the run
@@ -1225,7 +1225,7 @@ def run_methods(args, model, tokenizer, docs: dict[str, list[str]],
     if tasks:
         run_tasks(args, runner, tasks, scored, rows)
     if args.lm_eval:
-        run_lm_eval(args, runner, tokenizer, scored, rows)
+        run_lm_eval(args, runner, tokenizer, lm_tasks, scored, rows)
     if args.generate is not None:
         run_generation(args, runner, tokenizer, docs["data"], jobs, rows)
     return list(rows.values())
@@ -1424,7 +1424,8 @@ def history_positions(args) -> int:
     return args.seqlen if args.history is None else int(pp.history_info(args.history)["positions"])
 
 
-def run_lm_eval(args, runner: Runner, tokenizer, jobs: list[tuple[str, float]], rows: dict[tuple[str, float], Row]) -> None:
+def run_lm_eval(args, runner: Runner, tokenizer, lm_tasks, jobs: list[tuple[str, float]],
+                rows: dict[tuple[str, float], Row]) -> None:
     """Every job on the --lm-eval tasks through lm-eval, one task at a time (a fresh PP history each)."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
@@ -1437,7 +1438,7 @@ def run_lm_eval(args, runner: Runner, tokenizer, jobs: list[tuple[str, float]], 
         results = {}
         for task in args.lm_eval:
             lm = runner.lm(method, ratio, tokenizer, max_length)
-            out = simple_evaluate(model=lm, tasks=[task], task_manager=args.lm_eval_manager, limit=args.limit,
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=lm_tasks, limit=args.limit,
                                   log_samples=False)
             results.update({name: {k: v for k, v in r.items() if k != "alias"} for name, r in out["results"].items()})
             print(f"# lm-eval, {runner.label(method)} at {ratio}: {task}\n{make_table(out)}", flush=True)
@@ -1639,7 +1640,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib(args) else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
-        args.lm_eval_manager = lm_eval_manager(args) if args.lm_eval else None
+        lm_tasks = lm_eval_manager(args) if args.lm_eval else None  # lm-eval's TaskManager
         torch.manual_seed(args.seed)
         try:
             model, tokenizer = pp.load_model(args.model, args.device, DTYPES[args.dtype],
@@ -1648,7 +1649,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"cannot load model {args.model or pp.default_model()!r}: {e}".splitlines()[0]) from e
         if args.device_map:  # inputs start where the embeddings live
             args.device = str(pp.read_weights(model).embed.device)
-        rows = run_methods(args, model, tokenizer, docs, examples)
+        rows = run_methods(args, model, tokenizer, docs, examples, lm_tasks)
         if args.plot is not None:
             plot_rows(rows, args.variants, args.plot)
             print(f"# figure: {args.plot}")
