@@ -1205,6 +1205,10 @@ class Runner:
                             max_length)
         return PrunedLM(built, built.prefill, tokenizer, self.model, self.args, max_length)
 
+    def stateful(self, method: str) -> bool:
+        """Whether the method's model changes as batches run (PP's history): the others are fixed."""
+        return method != "dense" and method not in baselines.METHODS
+
     def label(self, method: str) -> str:
         """The method's name in the results."""
         return method + RECOVERY_SUFFIX if method == "second-moment" and self.args.recovery else method
@@ -1387,14 +1391,16 @@ def run_tasks(args, runner: Runner, tasks: dict[str, PreparedTask], jobs: list[t
     print(header)
     print("-" * len(header))
     for method, ratio in jobs:
-        start, results = time.perf_counter(), {}
+        start, results, fn = time.perf_counter(), {}, None
         for name, t in tasks.items():
             # A fresh PP history per task, as the official code runs one task per run: a task's
-            # accuracy does not depend on the tasks run before it.
-            fn = runner.logits_fn(method, ratio)
+            # accuracy does not depend on the tasks run before it. Static methods are pruned once.
+            if fn is None or runner.stateful(method):
+                fn = None  # the last task's model goes before the next one is built
+                fn = runner.logits_fn(method, ratio)
             scores, _ = score_requests(fn, t.batches, t.n_requests, f"{runner.label(method)} {ratio} {name}")
             results[name] = accuracy(TASKS[name], t.examples, scores)
-            del fn
+        del fn
         row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
         row.tasks, row.tasks_seconds = results, time.perf_counter() - start  # scores are on the host: synced
         row.task_order, row.avg_acc = args.task_order, statistics.mean(reported(r) for r in results.values())
@@ -1435,14 +1441,16 @@ def run_lm_eval(args, runner: Runner, tokenizer, lm_tasks, jobs: list[tuple[str,
     print(f"# lm-eval {importlib.metadata.version('lm_eval')}: {', '.join(args.lm_eval)}; inputs of up to "
           f"{max_length} tokens, batches of {args.batch_size} in {args.task_order} order")
     for method, ratio in jobs:
-        results = {}
+        results, lm = {}, None
         for task in args.lm_eval:
-            lm = runner.lm(method, ratio, tokenizer, max_length)
+            if lm is None or runner.stateful(method):  # a fresh PP per task (`run_tasks`)
+                lm = None
+                lm = runner.lm(method, ratio, tokenizer, max_length)
             out = simple_evaluate(model=lm, tasks=[task], task_manager=lm_tasks, limit=args.limit,
                                   log_samples=False)
             results.update({name: {k: v for k, v in r.items() if k != "alias"} for name, r in out["results"].items()})
             print(f"# lm-eval, {runner.label(method)} at {ratio}: {task}\n{make_table(out)}", flush=True)
-            del lm
+        del lm
         row = rows.setdefault((method, ratio), Row(runner.label(method), ratio))
         row.lm_eval = results
         write_json(args.json, list(rows.values()))

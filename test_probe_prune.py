@@ -2028,6 +2028,20 @@ def test_cli_zero_shot_with_limit_writes_table_and_json(tiny_model_dir, tmp_path
                                                      ["pp", "0.40", "dataset", "-", "wanda-sp"]]
 
 
+def test_cli_zero_shot_pp_starts_each_task_from_the_calibration_history(tiny_model_dir, tmp_path):
+    # A fresh history per task: a task's PP results do not depend on the tasks run before it. With
+    # momentum 0 each batch replaces the history, so a carried-over one would change the units kept.
+    common = ("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"), "--limit", "12",
+              "--task-data", str(ZEROSHOT), "--no-ppl", "--method", "dense", "--ratio", "0.4", "--seqlen", "128",
+              "--batch-size", "2", "--nsamples", "4", "--pp-variant", "momentum=0.0")
+    rows = []
+    for name, tasks in (("ab", ("arc_easy", "piqa")), ("ba", ("piqa", "arc_easy"))):
+        code, _, err = run_cli(*common, "--tasks", *tasks, "--json", str(tmp_path / f"{name}.json"))
+        assert code == 0, err
+        rows.append(json.loads((tmp_path / f"{name}.json").read_text())[1]["tasks"])  # the PP row
+    assert rows[0] == rows[1]
+
+
 def test_cli_merge_pairs_rows_of_separate_runs(tiny_model_dir, tmp_path):
     common = ("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"), "--tasks", "piqa",
               "--limit", "4", "--task-data", str(ZEROSHOT), "--no-ppl", "--ratio", "0.4", "--seqlen", "128",
