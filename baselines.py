@@ -103,7 +103,7 @@ def collect_stats(dec: pp.Decoder, batches: Iterable[pp.Batch], similarity: bool
     for batch in batches:
         ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         seqlen = max(seqlen, ids.shape[1])
-        pp.run(dec, ids, mask, observe=observe)
+        pp.run(dec, ids, mask, observe=observe, logits=False)  # only the blocks' states are wanted
         compare = max(0, compare - len(ids))
     return [Stats(*acc[b], seqlen=seqlen) for b in range(len(dec.blocks))]
 

@@ -885,7 +885,9 @@ def keep_freed_memory() -> None:
     """CPU runs: make glibc reuse freed memory rather than map fresh pages for every big tensor."""
     # glibc maps every large allocation afresh, so each big activation is page-faulted in and
     # zeroed on first touch; keeping freed memory in the heap (as tcmalloc or jemalloc would)
-    # times the arithmetic, not the kernel's page zeroing. No-op where libc is not glibc.
+    # times the arithmetic, not the kernel's page zeroing. Only timed runs: a heap that never
+    # returns memory fragments, and a long scoring run on a large model would outgrow the RAM.
+    # No-op where libc is not glibc.
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -893,6 +895,11 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def timed(args) -> bool:
+    """Whether the run times perplexity or generation (a zero-shot or lm-eval run only scores)."""
+    return not args.no_ppl or args.generate is not None
 
 
 def progress(items: list, desc: str):
@@ -1624,7 +1631,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             print_merged(args, read_rows(args.merge))
             return 0
-        if not args.device.startswith("cuda"):
+        if not args.device.startswith("cuda") and timed(args):
             keep_freed_memory()
         transformers.logging.set_verbosity_error()  # keep library chatter out of the results
         config = check_model(args)  # before reading any weights: architecture, seqlen, ratios

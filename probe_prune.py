@@ -747,7 +747,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
 
     for batch in batches:
         ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        run(dec, ids, mask, observe=observe)
+        run(dec, ids, mask, observe=observe, logits=False)  # only the blocks' states are wanted
     if not sums:
         raise ValueError("calibration needs at least one batch")
     return [sums[b] / counts[b].clamp(min=1)[:, None] for b in range(len(dec.blocks))]

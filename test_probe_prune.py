@@ -2284,6 +2284,15 @@ def test_cli_lm_eval_rows_for_dense_pp_and_a_baseline(tiny_model_dir, local_task
     assert "inputs of up to 128 tokens" in out and "# lm-eval, pp at 0.4: qa_gen" in out
 
 
+def test_only_timed_runs_keep_freed_memory_in_the_heap():
+    """Perplexity and generation are timed without page-fault noise; a run that only scores keeps
+    glibc's defaults, since a heap that never returns memory fragments over a long run."""
+    assert ev.timed(ev.parse_args([]))
+    assert ev.timed(ev.parse_args(["--no-ppl", "--generate", "8"]))
+    assert not ev.timed(ev.parse_args(["--no-ppl", "--tasks", "piqa"]))
+    assert not ev.timed(ev.parse_args(["--no-ppl", "--lm-eval", "piqa"]))
+
+
 def test_lm_eval_generation_beyond_the_inputs_length_is_refused(smollm2):
     model, tok = smollm2
     args = ev.parse_args(["--no-ppl", "--tasks", "piqa"])
