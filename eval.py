@@ -1067,7 +1067,8 @@ def format_task_row(r: Row, names: list[str], width: int) -> str:
 
 
 def print_paired(rows: list[Row], width: int) -> None:
-    """Each zero-shot row's paired difference to dense, and each PP row's to each baseline at its ratio."""
+    """Each zero-shot row's paired difference to dense; each PP row's to each baseline at its ratio;
+    full batch's to PP; and each row in lm-eval's order to the same method in the dataset's."""
     scored = [r for r in rows if r.tasks]
     is_static = lambda r: r.method.removesuffix(RECOVERY_SUFFIX) in baselines.METHODS
 
@@ -1081,13 +1082,19 @@ def print_paired(rows: list[Row], width: int) -> None:
     pairs = [(r, d) for r in scored if r.method != "dense" for d in others(r, lambda o: o.method == "dense")]
     pairs += [(r, b) for r in scored if r.method != "dense" and not is_static(r)
               for b in others(r, lambda o: is_static(o) and o.ratio == r.ratio)]
+    # What the full-batch probe adds over PP's probe, and what lm-eval's order changes.
+    pairs += [(r, p) for r in scored if r.method == "fullbatch"
+              for p in others(r, lambda o: o.method == "pp" and o.ratio == r.ratio)]
+    pairs += [(r, o) for r in scored if r.task_order == "length" for o in scored
+              if (o.method, o.ratio, o.task_order) == (r.method, r.ratio, "dataset")]
     if not pairs:
         return
     print("# paired differences of the average accuracy, in points ± paired standard error over the same "
           "examples (* beyond 2 standard errors)")
     for r, other in pairs:
         diff, se = average_difference(r.tasks, other.tasks)
-        print(f"{r.method:<{width}} {r.ratio:>5.2f} {r.task_order:>7}  - {other.method:<{width}} "
+        label = other.method + ("" if other.task_order == r.task_order else f" ({other.task_order})")
+        print(f"{r.method:<{width}} {r.ratio:>5.2f} {r.task_order:>7}  - {label:<{width + 10}} "
               f"{100 * diff:>+6.1f} ± {100 * se:.1f}{' *' if abs(diff) > 2 * se else ''}")
 
 

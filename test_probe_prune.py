@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -2046,18 +2047,28 @@ def test_cli_merge_pairs_rows_of_separate_runs(tiny_model_dir, tmp_path):
     common = ("--model", str(tiny_model_dir), "--calib", str(tiny_model_dir / "calib.jsonl"), "--tasks", "piqa",
               "--limit", "4", "--task-data", str(ZEROSHOT), "--no-ppl", "--ratio", "0.4", "--seqlen", "128",
               "--batch-size", "4", "--nsamples", "4")
-    for name, method, order in (("a", "dense", "dataset"), ("b", "pp", "length"), ("c", "flap", "length")):
+    runs = (("a", "dense", "dataset"), ("b", "pp", "length"), ("c", "flap", "length"), ("d", "pp", "dataset"),
+            ("e", "fullbatch", "length"))
+    for name, method, order in runs:
         code, _, err = run_cli(*common, "--method", method, "--task-order", order, "--json", str(tmp_path / f"{name}.json"))
         assert code == 0, err
     merged = tmp_path / "merged.json"
-    code, out, err = run_cli("--merge", *(str(tmp_path / f"{n}.json") for n in "abc"), "--json", str(merged))
+    code, out, err = run_cli("--merge", *(str(tmp_path / f"{n}.json") for n in "abcde"), "--json", str(merged))
     assert code == 0, err
     rows = json.loads(merged.read_text())
-    assert [(r["method"], r["task_order"]) for r in rows] == [("dense", "dataset"), ("pp", "length"), ("flap", "length")]
+    assert [(r["method"], r["task_order"]) for r in rows] == [(m, o) for _, m, o in runs]
     dense, pp_row = rows[0]["tasks"]["piqa"]["correct"], rows[1]["tasks"]["piqa"]["correct"]
     diff, se = ev.paired_difference(pp_row, dense)
     assert f"{100 * diff:+.1f} ± {100 * se:.1f}" in next(line for line in out.splitlines() if line.startswith("pp ")
                                                           and line.split()[4] == "dense")
+    # Beyond dense: PP to the baseline and to itself in the other order; full batch to PP in its order.
+    paired = [list(re.match(r"(\S+) +(\S+) +(\S+)  - (.+?) +[+-]\d", line).groups())
+              for line in out.split("# paired differences")[1].splitlines()[1:]]
+    assert paired == [["pp", "0.40", "length", "dense (dataset)"], ["flap", "0.40", "length", "dense (dataset)"],
+                      ["pp", "0.40", "dataset", "dense"], ["fullbatch", "0.40", "length", "dense (dataset)"],
+                      ["pp", "0.40", "length", "flap"], ["pp", "0.40", "dataset", "flap (length)"],
+                      ["fullbatch", "0.40", "length", "flap"], ["fullbatch", "0.40", "length", "pp"],
+                      ["pp", "0.40", "length", "pp (dataset)"]]
     # A file of rows scored on other examples cannot be paired with these.
     code, _, err = run_cli(*common, "--limit", "3", "--method", "dense", "--json", str(tmp_path / "d.json"))
     assert code == 0, err
