@@ -588,4 +588,4 @@ def griffin_prefill(dec: pp.Decoder, cfg: pp.PPConfig) -> pp.PrefillFn:
         scores = griffin_scores(z, ctx.mask)
         return blk.keep(pp.top_units(scores, counts[b]))
 
-    return partial(pp.dense_prefill, dec, choose=choose)
+    return partial(pp.prefill, dec, choose=choose)

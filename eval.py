@@ -1169,7 +1169,7 @@ class Calibration(NamedTuple):
     """What every method learned from the same calibration windows."""
 
     batches: list[torch.Tensor]  # the windows, batched (second-moment's recovery reruns them)
-    history: list[torch.Tensor] | dict[int, torch.Tensor] | None  # PP's historical states, by block
+    history: dict[int, torch.Tensor] | None  # PP's historical states, by block
     stats: list[baselines.Stats] | None  # the statistics-based baselines' statistics
     scores: dict[str, dict[int, torch.Tensor]]  # baseline -> block -> unit scores
 
@@ -1267,7 +1267,7 @@ def calibrate(args, config, tokenizer, dec: pp.Decoder, docs: dict[str, list[str
     if uses_history(args) and args.history is None:  # kept on the CPU; each pruner copies it to its blocks' devices
         with reported_step("PP history"):
             history = pp.collect_history(dec, progress(calib.batches, "calibration (PP history)"))
-        calib = calib._replace(history=[h.cpu() for h in history])
+        calib = calib._replace(history={b: h.cpu() for b, h in history.items()})
         if args.save_history is not None:
             pp.save_history(args.save_history, calib.history, config, {
                 "calibration": f"{args.nsamples} windows of {args.seqlen} tokens from {args.calib}, seed {args.seed}",

@@ -12,11 +12,11 @@ Pruning is real: the sliced matrices are smaller, so the full batch's matmuls sh
 
 The decoder forward is written out over the weights of a Hugging Face model, so every stage
 is a few lines of torch. A reading map, top to bottom:
-  read   `PPConfig`; the four stages (`residual_importance`, `select_probe`; `Attention.inner`,
-         `MLP.inner`; `square_sums`, `fuse`, `pp_scores`, `ema_update`; `top_units`,
-         `Attention.keep`, `MLP.keep`); `ProbePruner`, which ties them together per block.
-  skim   the forward (`Attention`, `MLP`, `run`), `collect_history`, generation (`KVCache`,
-         `prefill`, `decode`): plain decoder code with PP's hooks (`prune`, `observe`).
+  read   `PPConfig`; the stages (`residual_importance`, `select_probe`; `Attention.inner`, `MLP.inner`;
+         `square_sums`, `fuse`, `pp_scores`, `ema_update`; `top_units`, `Attention.keep`, `MLP.keep`);
+         `ProbePruner`, which ties them together per block.
+  skim   the forward (`Attention`, `MLP`, `run`), `collect_history`, generation (`KVCache`, `prefill`,
+         `decode`): plain decoder code with PP's hooks (`prune`, `observe`).
   skip   loading, and the CPU fast paths at the end (the same results, faster on the CPU).
 """
 from __future__ import annotations
@@ -62,9 +62,8 @@ class PPConfig:
     # scoring each batch by the historical states (still updated by the EMA)
     score: str = "ppsp"  # SCORES: the channel score
     seed: int = 0  # of the random probe
-    # PREFILLS: how generation picks the slices it decodes on (`ProbePruner.prefill`). "dense", not
-    # the paper's batch procedure, by the README's generation table: the whole prompt's dense states
-    # choose better slices than its probe, for the same decoding. The batch path is the paper's.
+    # PREFILLS: how generation picks its slices (`ProbePruner.prefill`); "dense" by the README's
+    # generation table: the whole prompt's dense states choose better slices than its probe.
     prefill: str = "dense"
 
     def __post_init__(self):
@@ -88,8 +87,8 @@ class PPConfig:
 
     @classmethod
     def full_batch(cls, ratio: float, **kw) -> PPConfig:
-        """The paper's upper bound: the probe is the whole batch, used alone (no history)."""
-        # As in the official code's full-batch runs: no calibration, no fusion, no EMA.
+        """The paper's upper bound, as the official code runs it: the probe is the whole batch,
+        used alone (no calibration, fusion or EMA)."""
         return cls(ratio=ratio, probe_samples=1.0, probe_tokens=1.0, history="none", prefill="probe", **kw)
 
     def probe_size(self, batch_size: int, seqlen: int) -> tuple[int, int]:
@@ -207,38 +206,32 @@ class Linear(NamedTuple):
     weight: Tensor  # (out, in)
     bias: Tensor | None  # (out,) or None
 
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
-def linear(x: Tensor, lin: Linear) -> Tensor:
-    """Apply a Linear."""
-    return F.linear(x, lin.weight, lin.bias)
+    def rows(self, idx: Tensor) -> Linear:
+        """Keep output features `idx` (rows of W, entries of b): a smaller copy, not a mask."""
+        return Linear(self.weight[idx], None if self.bias is None else self.bias[idx])
 
-
-def rows(lin: Linear, idx: Tensor) -> Linear:
-    """Keep output features `idx` (rows of W, entries of b): a smaller copy, not a mask."""
-    return Linear(lin.weight[idx], None if lin.bias is None else lin.bias[idx])
-
-
-def cols(lin: Linear, idx: Tensor) -> Linear:
-    """Keep input features `idx` (columns of W); the bias is per output, so it stays whole."""
-    return Linear(lin.weight[:, idx], lin.bias)
+    def cols(self, idx: Tensor) -> Linear:
+        """Keep input features `idx` (columns of W); the bias is per output, so it stays whole."""
+        return Linear(self.weight[:, idx], self.bias)
 
 
 class Norm(NamedTuple):
-    """RMSNorm (LLaMA) or LayerNorm (OPT) weights."""
+    """RMSNorm (LLaMA) or LayerNorm (OPT) over the last dimension."""
 
     weight: Tensor | None  # (C,)
     bias: Tensor | None  # (C,), LayerNorm only
     eps: float
     rms: bool
 
-
-def norm(x: Tensor, n: Norm) -> Tensor:
-    """Normalize the last dimension of x."""
-    if not n.rms:
-        return F.layer_norm(x, x.shape[-1:], n.weight, n.bias, n.eps)
-    xf = x.float()  # like transformers: the statistics in fp32, the scale in the model's dtype
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)
-    return n.weight * xf.to(x.dtype)
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.rms:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        xf = x.float()  # like transformers: the statistics in fp32, the scale in the model's dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 def unit_channels(units: Tensor, size: int) -> Tensor:
@@ -290,9 +283,9 @@ class Attention:
     def qkv(self, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, nh, T, hd), keys and values (B, nkv, T, hd), RoPE applied."""
         B, T, _ = h.shape
-        q = linear(h, self.wq).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = linear(h, self.wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = linear(h, self.wv).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.wq(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if ctx.rope is not None:
             q, k = rotate(q, *ctx.rope), rotate(k, *ctx.rope)
         return q, k, v
@@ -324,12 +317,12 @@ class Attention:
         """The block restricted to `heads` (sorted): q rows and wo columns sliced."""
         ch = unit_channels(heads, self.head_dim)
         if self.group == 1:  # one k/v head per query head: slice k and v alike
-            return replace(self, wq=rows(self.wq, ch), wk=rows(self.wk, ch), wv=rows(self.wv, ch),
-                           wo=cols(self.wo, ch), kept=ch)
+            return replace(self, wq=self.wq.rows(ch), wk=self.wk.rows(ch), wv=self.wv.rows(ch),
+                           wo=self.wo.cols(ch), kept=ch)
         # GQA: a k/v head serves a whole group of query heads and is small, so k/v stay whole;
         # each kept query head just keeps reading its own k/v head.
         heads = heads if self.heads is None else self.heads[heads]  # indices in the dense block
-        return replace(self, wq=rows(self.wq, ch), wo=cols(self.wo, ch), heads=heads, kept=ch)
+        return replace(self, wq=self.wq.rows(ch), wo=self.wo.cols(ch), heads=heads, kept=ch)
 
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -359,15 +352,14 @@ class MLP:
         return self.w2
 
     def inner(self, h: Tensor, ctx: Context | None = None, cache: LayerCache | None = None) -> Tensor:
-        """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I). Token by token, so
-        it neither needs nor keeps a cache."""
-        z = self.act(linear(h, self.w1))
-        return z if self.w3 is None else z * linear(h, self.w3)
+        """act(w1 h) * (w3 h), or act(w1 h) without w3: (B, T, C) -> (B, T, I); token-wise, no cache."""
+        z = self.act(self.w1(h))
+        return z if self.w3 is None else z * self.w3(h)
 
     def keep(self, channels: Tensor) -> MLP:
         """The block restricted to `channels` (sorted): w1/w3 rows and w2 columns sliced."""
-        return replace(self, w1=rows(self.w1, channels), w2=cols(self.w2, channels),
-                       w3=None if self.w3 is None else rows(self.w3, channels), kept=channels)
+        return replace(self, w1=self.w1.rows(channels), w2=self.w2.cols(channels),
+                       w3=None if self.w3 is None else self.w3.rows(channels), kept=channels)
 
 
 Block = Attention | MLP
@@ -387,11 +379,6 @@ class Decoder:
     project_out: Linear | None  # C -> E (OPT-350m), else None
     lm_head: Linear  # (V, E)
     window: int | None = None  # sliding attention window (Mistral, some Qwen2); longer inputs refused
-
-    @property
-    def n_layers(self) -> int:
-        """Number of decoder layers (two blocks each)."""
-        return len(self.blocks) // 2
 
 
 def block_device(blk: Block) -> torch.device:
@@ -473,9 +460,9 @@ def attention_mask(mask: Tensor, n_queries: int | None = None) -> Tensor:
     return ((key <= query) & mask[:, None, None, :]) | (key == query)
 
 
-def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool, past: Tensor | None = None) -> Context:
-    """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T), which
-    follow the `past` tokens (B, T_past) of a KV cache, if any."""
+def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool, keys: Tensor | None = None) -> Context:
+    """RoPE tables and attention mask for tokens at `pos` with real-token `mask` (B, T), attending to
+    keys with real-token mask `keys` (B, T_past + T): a KV cache's tokens, then these (default: mask)."""
     rope = None
     if dec.rope is not None:
         inv_freq, scale = dec.rope
@@ -483,18 +470,18 @@ def make_context(dec: Decoder, mask: Tensor, pos: Tensor, padded: bool, past: Te
         cos, sin = freqs.cos() * scale, freqs.sin() * scale  # (B, T, hd/2) each
         dtype = dec.embed.dtype
         rope = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype))  # `rotate`'s
-    full = mask if past is None else torch.cat((past, mask), dim=1)  # (B, T_past + T)
+    keys = mask if keys is None else keys
     # SDPA's is_causal puts the first query on the first key, so new tokens after cached ones need
     # a mask (one new token needs none: it sees every key).
-    masked = padded or (full.shape[1] > mask.shape[1] and mask.shape[1] > 1)
-    return Context(mask, pos, rope, attention_mask(full, mask.shape[1]) if masked else None)
+    masked = padded or keys.shape[1] > mask.shape[1] > 1
+    return Context(mask, pos, rope, attention_mask(keys, mask.shape[1]) if masked else None)
 
 
 def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
     """Token (+ learned position) embeddings: (B, T) -> (B, T, C)."""
     x = dec.embed[input_ids]
     if dec.project_in is not None:
-        x = linear(x, dec.project_in)
+        x = dec.project_in(x)
     if dec.pos_embed is not None:
         x = x + dec.pos_embed[ctx.pos]
     return x
@@ -503,10 +490,10 @@ def embed(dec: Decoder, input_ids: Tensor, ctx: Context) -> Tensor:
 def head(dec: Decoder, x: Tensor) -> Tensor:
     """Final norm and LM head, each where its weights live: (B, T, C) -> logits (B, T, V)."""
     if dec.final_norm is not None:
-        x = norm(x.to(dec.final_norm.weight.device), dec.final_norm)
+        x = dec.final_norm(x.to(dec.final_norm.weight.device))
     if dec.project_out is not None:
-        x = linear(x.to(dec.project_out.weight.device), dec.project_out)
-    return linear(x.to(dec.lm_head.weight.device), dec.lm_head)
+        x = dec.project_out(x.to(dec.project_out.weight.device))
+    return dec.lm_head(x.to(dec.lm_head.weight.device))
 
 
 class LayerCache:
@@ -533,8 +520,7 @@ class LayerCache:
 
 
 class KVCache:
-    """What later tokens need of earlier ones: each attention block's keys and values, and the
-    real-token mask of the tokens so far."""
+    """What later tokens need of earlier ones: each attention block's keys and values, and the mask."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len  # tokens it can hold: prompt + new ones
@@ -549,10 +535,9 @@ class KVCache:
     def context(self, dec: Decoder, mask: Tensor, padded: bool) -> Context:
         """The context of new tokens with real-token `mask` (B, T) after the cached ones, whose
         mask then grows by theirs."""
-        past = self.mask
-        full = mask if past is None else torch.cat((past, mask), dim=1)  # (B, T_past + T)
-        self.mask, self.padded = full, self.padded or padded
-        return make_context(dec, mask, positions(full)[:, -mask.shape[1]:], self.padded, past)
+        self.mask = mask if self.mask is None else torch.cat((self.mask, mask), dim=1)  # (B, T_past + T)
+        self.padded = self.padded or padded
+        return make_context(dec, mask, positions(self.mask)[:, -mask.shape[1]:], self.padded, self.mask)
 
 
 PruneFn = Callable[[int, Block, Tensor, Tensor, Context], Block]
@@ -562,24 +547,23 @@ ChooseFn = Callable[[int, Block, Tensor, Tensor, Context], Block]  # as ObserveF
 
 def block_input(dec: Decoder, blk: Block, x: Tensor) -> Tensor:
     """The block's input h (B, T, C): the normalized residual stream x (pre-LN), else x itself."""
-    return norm(x, blk.norm) if dec.pre_norm else x
+    return blk.norm(x) if dec.pre_norm else x
 
 
 def add_residual(dec: Decoder, blk: Block, x: Tensor, z: Tensor) -> Tensor:
     """The residual stream after the block: x + out(z), normalized after the add for post-LN OPT."""
-    x = x + linear(z, blk.out)
-    return x if dec.pre_norm else norm(x, blk.norm)  # opt-350m normalizes after the residual add
+    x = x + blk.out(z)
+    return x if dec.pre_norm else blk.norm(x)  # opt-350m normalizes after the residual add
 
 
 def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
         prune: PruneFn | None = None, observe: ObserveFn | None = None, grad: bool = False,
         logits: bool = True, cache: KVCache | None = None) -> Tensor:
-    """Logits (B, T, V). `prune(b, block, x, h, ctx)` may swap block b for a sliced one;
-    `observe(b, block, h, z, ctx)` sees its input h and inner states z (B, T, Cz), the input
-    of its output projection. `grad=True` records autograd (gradient-based baselines only).
-    `logits=False` returns the final residual stream (B, T, C) instead, for a caller that applies
-    `head` a piece at a time (a batch's logits can be the largest tensor of the run). With a
-    `cache`, the tokens follow those already in it, and join it."""
+    """Logits (B, T, V), or with `logits=False` the final residual stream (B, T, C), for a caller
+    that applies `head` a piece at a time. `prune(b, block, x, h, ctx)` may swap block b for a sliced
+    one; `observe(b, block, h, z, ctx)` sees its input h and the input z (B, T, Cz) of its output
+    projection. `grad=True` records autograd (gradient baselines only); with a `cache`, the tokens
+    follow those already in it, and join it."""
     n_tokens = input_ids.shape[1] + (0 if cache is None or cache.mask is None else cache.mask.shape[1])
     if dec.window is not None and n_tokens > dec.window:
         raise ValueError(f"{n_tokens} tokens per sample exceed the sliding attention window "
@@ -726,7 +710,7 @@ def round_up(n: int, multiple: int, cap: int) -> int:
 
 def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
     """Units to keep in each pruned block (the blocks of the layers after the dense ones)."""
-    r = cfg.layer_ratio(dec.n_layers)
+    r = cfg.layer_ratio(len(dec.blocks) // 2)  # two blocks per layer
     return {b: n_kept(blk.out.weight.shape[1] // blk.unit, r, cfg.mlp_multiple if isinstance(blk, MLP) else 1)
             for b, blk in enumerate(dec.blocks) if b >= 2 * cfg.dense_layers}
 
@@ -734,7 +718,7 @@ def kept_counts(dec: Decoder, cfg: PPConfig) -> dict[int, int]:
 Batch = Tensor | tuple[Tensor, Tensor | None]  # input_ids, or (input_ids, attention_mask)
 
 
-def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
+def collect_history(dec: Decoder, batches: Iterable[Batch]) -> dict[int, Tensor]:
     """Historical states from calibration: per block, the mean over samples of z^2 (T, Cz), fp32."""
     sums: dict[int, Tensor] = {}  # block -> (T, Cz) running sum of z^2, on the block's device
     counts: dict[int, Tensor] = {}  # block -> (T,) real samples seen per position
@@ -750,7 +734,7 @@ def collect_history(dec: Decoder, batches: Iterable[Batch]) -> list[Tensor]:
         run(dec, ids, mask, observe=observe, logits=False)  # only the blocks' states are wanted
     if not sums:
         raise ValueError("calibration needs at least one batch")
-    return [sums[b] / counts[b].clamp(min=1)[:, None] for b in range(len(dec.blocks))]
+    return {b: sums[b] / counts[b].clamp(min=1)[:, None] for b in sums}
 
 
 # A history saved to disk: a safetensors file (tensors and text metadata, no pickle), so that a
@@ -767,15 +751,14 @@ def model_identity(config) -> dict[str, str]:
                      f"{config.num_attention_heads} heads, MLP {ffn}"}
 
 
-def save_history(path: str, history: dict[int, Tensor] | list[Tensor], config, about: dict[str, str]) -> None:
+def save_history(path: str, history: dict[int, Tensor], config, about: dict[str, str]) -> None:
     """Write per-block historical states (T, Cz) with the model's identity, the positions they
     cover and `about` (the calibration, the dtype it ran in) as metadata."""
     from safetensors.torch import save_file
 
-    blocks = dict(enumerate(history)) if isinstance(history, list) else history
-    positions = min(h.shape[0] for h in blocks.values())
+    positions = min(h.shape[0] for h in history.values())
     meta = {"format": HISTORY_FORMAT, **model_identity(config), "positions": str(positions), **about}
-    save_file({f"block.{b}": h.contiguous().cpu() for b, h in blocks.items()}, path, metadata=meta)
+    save_file({f"block.{b}": h.contiguous().cpu() for b, h in history.items()}, path, metadata=meta)
 
 
 def history_info(path: str) -> dict[str, str]:
@@ -813,10 +796,9 @@ def load_history(path: str, config, positions: int) -> dict[int, Tensor]:
 
 
 class ProbePruner:
-    """Probe Pruning of one model: `calibrate` once (or load a saved history), then call it on
-    each batch for its logits."""
+    """Probe Pruning of one model: `calibrate` (or `load_history`) once, then call it on each batch."""
 
-    def __init__(self, model, cfg: PPConfig = PPConfig(), history: dict[int, Tensor] | list[Tensor] | None = None):
+    def __init__(self, model, cfg: PPConfig = PPConfig(), history: dict[int, Tensor] | None = None):
         self.cfg, self.config = cfg, model.config
         self.dec = read_weights(model)
         self.eos_token_id, self.pad_token_id = stop_tokens(model)
@@ -831,13 +813,12 @@ class ProbePruner:
             self.set_history(history)
         self.stage_seconds: dict[str, float] | None = None  # set to {} to add up each stage's wall time
 
-    def set_history(self, history: dict[int, Tensor] | list[Tensor]) -> None:
+    def set_history(self, history: dict[int, Tensor]) -> None:
         """Own a copy of the pruned blocks' historical states, each on its block's device."""
-        blocks = dict(enumerate(history)) if isinstance(history, list) else history
-        if missing := sorted(set(self.n_keep) - set(blocks)):
+        if missing := sorted(set(self.n_keep) - set(history)):
             raise ValueError(f"the history has no states of blocks {missing} (saved with more dense layers?)")
         # The EMA updates it in place: a copy, so that it never aliases another pruner's.
-        self.history = {b: blocks[b].to(block_device(self.dec.blocks[b]), copy=True) for b in self.n_keep}
+        self.history = {b: history[b].to(block_device(self.dec.blocks[b]), copy=True) for b in self.n_keep}
 
     def calibrate(self, batches: Iterable[Batch]) -> ProbePruner:
         """Set the historical states from calibration batches (dense forward)."""
@@ -862,12 +843,11 @@ class ProbePruner:
                    logits=logits)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Decoder]:
-        """A prompt batch into `cache`, and the slices every later token runs on (as `prefill`).
-        cfg.prefill "probe": the prompt is pruned as any batch, by its probe; "dense": it runs dense
-        (a dense model's KV cache), and each block's slices are chosen from the whole prompt's states."""
+        """The module's `prefill` with PP's slices: cfg.prefill "probe" prunes the prompt as any batch,
+        "dense" runs it dense (a dense KV cache) and chooses from the whole prompt's states."""
         self.check_history(input_ids.shape[1])
         if self.cfg.prefill == "dense":
-            return dense_prefill(self.dec, input_ids, attention_mask, cache, self.choose_from_prompt)
+            return prefill(self.dec, input_ids, attention_mask, cache, choose=self.choose_from_prompt)
         return prefill(self.dec, input_ids, attention_mask, cache, prune=self.prune_block,
                        observe=self.update_history)
 
@@ -903,20 +883,15 @@ class ProbePruner:
         if b not in self.n_keep:  # a dense layer
             return blk
         if self.cfg.history == "only":  # no probe: what earlier batches looked like, at these positions
-            c = self.history[b][:ctx.mask.shape[1]].sum(0)  # (Cz,)
-        else:
-            c = self.probe_states(b, blk, x, h, ctx)
-        return self.keep_best(b, blk, c)
-
-    def probe_states(self, b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Tensor:
-        """Stages 1-3a for block b: the probe's mean z^2, fused with history, summed over its tokens (Cz,)."""
+            return self.keep_best(b, blk, self.history[b][:ctx.mask.shape[1]].sum(0))
         with self.stage(STAGES[0]):
             r = residual_importance(x, ctx) if self.cfg.probe_select == "residual" else random_importance(ctx, self.rng)
             probe = select_probe(r, h, ctx, *self.cfg.probe_size(*ctx.mask.shape))
         with self.stage(STAGES[1]):  # the probe through the block's first half, all weights
             z = blk.inner(probe.h, probe.ctx)  # (ns, nt, Cz)
         with self.stage(STAGES[2]):
-            return self.fused_states(b, z, probe.ctx, probe.tokens)
+            c = self.fused_states(b, z, probe.ctx, probe.tokens)  # (Cz,)
+        return self.keep_best(b, blk, c)
 
     def fused_states(self, b: int, z: Tensor, ctx: Context, tokens: Tensor | None = None) -> Tensor:
         """Stage 3a: the mean z^2 over samples at each token of z (B, T, Cz), fused with the history
@@ -946,10 +921,7 @@ class ProbePruner:
         (B, T, Cz) with no look-ahead; then the history takes in z (every channel ran)."""
         if b not in self.n_keep:
             return blk
-        if self.cfg.history == "only":
-            c = self.history[b][:z.shape[1]].sum(0)  # (Cz,)
-        else:
-            c = self.fused_states(b, z, ctx)
+        c = self.history[b][:z.shape[1]].sum(0) if self.cfg.history == "only" else self.fused_states(b, z, ctx)
         kept = self.keep_best(b, blk, c)
         self.update_history(b, blk, h, z, ctx)  # blk: the dense block, every channel
         return kept
@@ -960,34 +932,26 @@ class ProbePruner:
 
 
 def prefill(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
-            prune: PruneFn | None = None, observe: ObserveFn | None = None) -> tuple[Tensor, Decoder]:
-    """Run a prompt batch into `cache`: its final residual stream (B, T, C), and the decoder of the
-    blocks it ran. With `prune`, those are the slices chosen for this prompt: kept for every new
-    token, as the cache holds only their keys and values (no probing or slicing per token)."""
+            prune: PruneFn | None = None, observe: ObserveFn | None = None,
+            choose: ChooseFn | None = None) -> tuple[Tensor, Decoder]:
+    """Run a prompt batch into `cache`: its final residual stream (B, T, C), and the decoder every
+    later token runs on (no probing or slicing per token). Its blocks are those `prune` slices as the
+    prompt enters them, or those `choose(b, block, h, z, ctx)` picks from their dense states on the
+    whole prompt (instead of `observe`), else the dense ones."""
     blocks = list(dec.blocks)
 
-    def choose(b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
+    def pruned(b: int, blk: Block, x: Tensor, h: Tensor, ctx: Context) -> Block:
         blocks[b] = prune(b, blk, x, h, ctx)
         return blocks[b]
 
-    x = run(dec, input_ids, attention_mask, prune=choose if prune else None, observe=observe,
-            logits=False, cache=cache)
-    return x, replace(dec, blocks=blocks)
-
-
-def dense_prefill(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
-                  choose: ChooseFn) -> tuple[Tensor, Decoder]:
-    """Run a prompt batch dense into `cache`, as `prefill` does; the decoder returned has the blocks
-    `choose(b, block, h, z, ctx)` picks from each block's dense states of the whole prompt."""
-    blocks = list(dec.blocks)
-
-    def observe(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
+    def chosen(b: int, blk: Block, h: Tensor, z: Tensor, ctx: Context) -> None:
         blocks[b] = choose(b, blk, h, z, ctx)
 
-    x = run(dec, input_ids, attention_mask, observe=observe, logits=False, cache=cache)
+    x = run(dec, input_ids, attention_mask, prune=pruned if prune else None,
+            observe=chosen if choose else observe, logits=False, cache=cache)
     for b, blk in enumerate(blocks):
-        if isinstance(blk, Attention) and blk.group == 1 and blk.kept is not None:
-            # A pruned MHA block decodes on its kept heads' k/v only (GQA blocks keep k/v whole).
+        if choose and isinstance(blk, Attention) and blk.group == 1 and blk.kept is not None:
+            # The prompt cached every head; a pruned MHA block decodes on its kept heads' k/v only.
             cache.layer(b).keep_heads(blk.kept[::blk.head_dim] // blk.head_dim)
     return x, replace(dec, blocks=blocks)
 
@@ -1019,8 +983,7 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
 
 def start_decoding(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None,
                    max_len: int) -> tuple[Tensor, Decoder, KVCache]:
-    """The prompt into a fresh KV cache of max_len tokens: the next-token logits (B, V), the
-    decoder to decode on and the cache."""
+    """The prompt into a fresh KV cache: next-token logits (B, V), the decoder to decode on, the cache."""
     cache = KVCache(max_len)
     x, dec = prefill_fn(input_ids, attention_mask, cache)  # (B, T, C)
     return head(dec, x[:, -1]), dec, cache  # only the last position predicts
@@ -1036,14 +999,11 @@ def decode_step(dec: Decoder, cache: KVCache, token: Tensor) -> Tensor:
 def decode(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | None = None,
            max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
-    """Token ids (B, T + new): the prompt through `prefill_fn`, then one token at a time through
-    the KV cache on the decoder it returned; a sample that emits an EOS token is padded after it,
-    and decoding stops once every sample has."""
+    """Token ids (B, T + new): the prompt through `prefill_fn`, then one token at a time on the decoder
+    it returned; a sample is padded after its EOS token, and decoding stops once every sample has one."""
     B, T = input_ids.shape
     logits, dec, cache = start_decoding(prefill_fn, input_ids, attention_mask, T + max_new_tokens)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(logits.device).manual_seed(seed)
+    generator = torch.Generator(logits.device).manual_seed(seed) if temperature > 0 else None
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).flatten()
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     tokens = [input_ids.to(logits.device)]
@@ -1075,8 +1035,7 @@ def generate(model_or_dec, input_ids: Tensor, attention_mask: Tensor | None = No
 
 
 # -----------------------------------------------------------------------------------------
-# CPU fast paths: the same results as the plain forms they replace, faster on the CPU (their
-# end-to-end gain, measured, is in the README's speed table)
+# CPU fast paths: the plain forms' results, faster on the CPU (measured gains: the README's Speed)
 
 
 def sum_of_squares(z: Tensor, mask: Tensor) -> Tensor:

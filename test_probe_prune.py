@@ -477,12 +477,12 @@ def test_slicing_equals_zeroing_the_pruned_units(name):
     z = attn.inner(x, ctx)  # (B, T, nh * hd)
     head_mask = torch.zeros(z.shape[-1])
     head_mask[pp.unit_channels(heads, attn.head_dim)] = 1
-    torch.testing.assert_close(pp.linear(attn.keep(heads).inner(x, ctx), attn.keep(heads).out),
-                               pp.linear(z * head_mask, attn.out))
+    torch.testing.assert_close(attn.keep(heads).out(attn.keep(heads).inner(x, ctx)),
+                               attn.out(z * head_mask))
     channel_mask = torch.zeros(mlp.w2.weight.shape[1])
     channel_mask[channels] = 1
-    torch.testing.assert_close(pp.linear(mlp.keep(channels).inner(x), mlp.keep(channels).out),
-                               pp.linear(mlp.inner(x) * channel_mask, mlp.out))
+    torch.testing.assert_close(mlp.keep(channels).out(mlp.keep(channels).inner(x)),
+                               mlp.out(mlp.inner(x) * channel_mask))
 
 
 def test_mlp_multiple_rounds_kept_channels_up():
@@ -787,8 +787,8 @@ def test_flap_bias_compensation_keeps_the_output_mean():
     def observe(b, blk, h, z, ctx):  # the dense forward's inner states of block 5 (an MLP)
         if b == 5:
             small = pruned.blocks[5]
-            outs["dense"].append(pp.linear(z, blk.out).flatten(0, 1))
-            outs["pruned"].append(pp.linear(z[..., small.kept], small.out).flatten(0, 1))
+            outs["dense"].append(blk.out(z).flatten(0, 1))
+            outs["pruned"].append(small.out(z[..., small.kept]).flatten(0, 1))
 
     for ids in batches:
         pp.run(dec, ids, observe=observe)
@@ -987,7 +987,7 @@ def test_recovery_refits_a_module_to_its_dense_outputs():
     x_hat = x @ torch.randn(3, 3) + 0.3  # an invertible affine change of the input
     g, k = bl.correction_sums(x_hat, x)
     fixed = bl.corrected(w, bl.solve_correction(g, k, damp=0.0))
-    torch.testing.assert_close(pp.linear(x_hat, fixed), pp.linear(x, w), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fixed(x_hat), w(x), rtol=1e-4, atol=1e-4)
     g, k = bl.correction_sums(x, x)  # the same input: nothing to correct, at any damping
     torch.testing.assert_close(bl.corrected(w, bl.solve_correction(g, k, damp=0.01)).weight, w.weight)
 
