@@ -1,7 +1,7 @@
 """WikiText-2 perplexity, zero-shot accuracy and wall time of dense and pruned models, one row
 per method and ratio.
 
-    python eval.py --ratio 0.4                       # bundled SmolLM2-135M, hub WikiText-2 and C4
+    python eval.py --ratio 0.4                       # bundled SmolLM2-135M-Instruct, hub WikiText-2 and C4
     python eval.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \\
                    --calib ../shared/data/c4/c4_sample.jsonl --ratio 0.2 0.4 --json results.json
     python eval.py --tasks all --task-data ../shared/data/zeroshot --limit 200 --no-ppl ...
@@ -53,10 +53,19 @@ HUB_DATA = {  # name -> (dataset, config or data file, split)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PROMPT_LEN = 128  # --generate's prompt tokens
 MLP_MULTIPLE = 64  # kept MLP channels rounded up to a multiple of this (the official code's)
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # --plot's file types
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless there is none to show (None, [], an unset flag)."""
+
+    def _get_help_string(self, action):
+        nothing = action.default is None or action.default is False or action.default == []
+        return action.help if nothing else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,10 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options, checked as far as they can be without the model."""
     p = Parser(description="Perplexity, zero-shot accuracy and timing of Probe Pruning against the "
                            "dense model and the baselines.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("--model", default=None,
-                   help="hub id, local folder or .gguf file (default: bundled SmolLM2-135M GGUF, "
-                        f"else {pp.HUB_DEFAULT})")
+                   help="hub id, local folder or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF, "
+                        f"else the same model from the hub, {pp.HUB_DEFAULT})")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.4],
                    help="fraction of heads and MLP channels pruned, in [0, 1); several allowed")
     p.add_argument("--method", nargs="+", default=["dense", "pp"], choices=METHODS + ("all",),
@@ -93,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--calib data needed unless a baseline needs it); refused unless it is this model's "
                         "and covers --seqlen positions")
     p.add_argument("--batch-size", type=int, default=20, help="windows per batch")
-    p.add_argument("--max-batches", type=int, default=None, help="perplexity: only the first N batches")
+    p.add_argument("--max-batches", type=int, default=None, help="perplexity and --generate: only the first N batches")
     p.add_argument("--tasks", nargs="+", default=[], choices=tuple(TASKS) + ("all",),
                    help="also report zero-shot accuracy on these commonsense tasks ('all': the seven)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N examples of each task")
@@ -140,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "only; how the prompt chooses the decoding slices: by its probe, or, the default, "
                         "from its dense states)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="draw perplexity against speedup over dense for every row (needs matplotlib)")
+                   help="draw perplexity against speedup over dense for every row, as a .png, .pdf or .svg "
+                        "file (needs matplotlib)")
     p.add_argument("--mlp-multiple", type=int, default=MLP_MULTIPLE,
                    help="round kept MLP channels up to a multiple, for every method, on every device and "
                         "in every dtype, so one command keeps the same units everywhere (the official "
@@ -170,6 +180,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the rows as JSON (rewritten after every row)")
     args = p.parse_args(argv)
+    for option in ("method", "ratio"):  # a repeated value would run, and be reported, twice
+        values = getattr(args, option)
+        if len(set(values)) < len(values):
+            raise UsageError(f"--{option}: {next(v for v in values if values.count(v) > 1)} is given twice")
     if "all" in args.method:
         args.method = [m for m in METHODS if m not in GENERATION_ONLY or args.generate is not None]
     if "all" in args.tasks:
@@ -186,10 +200,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("nsamples", "seqlen", "batch_size", "rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.seqlen < 2:
+        raise UsageError("--seqlen must be at least 2: a window's first token predicts its second")
     for name in ("max_batches", "mlp_multiple", "limit", "grad_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in (["data"] if not args.no_ppl else []) + (["calib"] if needs_calib(args) else []):
+    for name in (["data"] if needs_data(args) else []) + (["calib"] if needs_calib(args) else []):
         source = getattr(args, name)
         if source not in HUB_DATA and not os.path.isfile(source):
             raise UsageError(f"--{name}: no such file: {source} (or use one of: {', '.join(HUB_DATA)})")
@@ -203,10 +219,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if args.device_map is not None and not torch.cuda.is_available():
+        raise UsageError("--device-map auto spreads the model over GPUs, and none is visible here "
+                         "(leave it out to run on the CPU)")
     for option in ("json", "plot", "save_history"):
         if getattr(args, option) is not None:
             check_output(getattr(args, option), f"--{option.replace('_', '-')}")
     check_history_args(args)
+    if args.plot is not None and not args.plot.lower().endswith(PLOT_FORMATS):
+        raise UsageError(f"--plot {args.plot}: the file name must end in {', '.join(PLOT_FORMATS)}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     if args.dtype == "bfloat16" and args.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
@@ -255,6 +279,11 @@ def check_history_args(args) -> None:
         raise UsageError(f"--history: no such file: {args.history}")
 
 
+def needs_data(args) -> bool:
+    """Whether the run reads --data: for perplexity, or for --generate's prompts."""
+    return not args.no_ppl or args.generate is not None
+
+
 def needs_calib(args) -> bool:
     """Whether the run reads --calib: for a baseline's statistics, or PP's history unless --history."""
     return bool(set(args.method) & set(baselines.METHODS)) or (uses_history(args) and args.history is None)
@@ -280,9 +309,11 @@ def check_generate_args(args) -> None:
             if generation_only(args, name):
                 raise UsageError(f"{name} chooses the decoding structure on a prompt: it runs with --generate only")
         return
-    for name in ("generate", "prompt_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.generate < 2:
+        raise UsageError("--generate must be at least 2: the first new token comes with the prefill, "
+                         "and decoding speed needs another")
+    if args.prompt_len is not None and args.prompt_len < 1:
+        raise UsageError("--prompt-len must be a positive integer")
     if args.show < 0:
         raise UsageError("--show must be 0 or more")
     args.prompt_len = args.prompt_len or DEFAULT_PROMPT_LEN
@@ -393,8 +424,13 @@ def check_model(args) -> transformers.PretrainedConfig:
             raise ValueError(f"--prompt-len {args.prompt_len} + --generate {args.generate} tokens are beyond "
                              f"the model's {'sliding attention window' if limits[1] == args.context else 'context'} "
                              f"of {args.context} tokens")
-        for r in args.ratio if set(args.method) - {"dense"} else []:
-            check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple))
+        pruned = set(args.method) - {"dense"} or args.estimate_memory
+        for label, fields in (({"": {}} if pruned else {}) | args.variants).items():  # each PP config of the run
+            for r in args.ratio:
+                try:
+                    check_ratio(config, pp.PPConfig(r, mlp_multiple=args.mlp_multiple, **fields))
+                except ValueError as e:
+                    raise ValueError(f"{label}: {e}" if label else str(e)) from e
     except (OSError, ValueError) as e:  # no such model, unsupported architecture, bad seqlen/ratio
         raise UsageError(str(e).strip().splitlines()[0]) from e
     return config
@@ -475,23 +511,28 @@ def json_lines(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
 
 def read_parquet(path: str) -> list[str]:
     """The "text" column of a Parquet file."""
-    import datasets
+    import pyarrow.parquet  # a dependency of datasets
 
     try:
-        rows = datasets.load_dataset("parquet", data_files=path, split="train")
+        table = pyarrow.parquet.read_table(path)
     except Exception as e:  # not Parquet, or unreadable
         raise UsageError(f"{path}: not a readable Parquet file ({type(e).__name__})") from e
-    if "text" not in rows.column_names:
-        raise UsageError(f"{path}: no \"text\" column (columns: {', '.join(rows.column_names)})")
-    return list(rows["text"])
+    if "text" not in table.column_names:
+        raise UsageError(f"{path}: no \"text\" column (columns: {', '.join(table.column_names)})")
+    docs = table.column("text").to_pylist()
+    bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
+    if bad is not None:
+        raise UsageError(f"{path}, row {bad}: the \"text\" column holds {type(docs[bad]).__name__}, not a string")
+    return docs
 
 
-def eval_windows(tokenizer, docs: list[str], seqlen: int) -> torch.Tensor:
-    """Tokenize the joined text once; sequential non-overlapping windows (N, seqlen)."""
+def eval_windows(tokenizer, docs: list[str], seqlen: int, options: str = "--seqlen") -> torch.Tensor:
+    """Tokenize the joined text once; sequential non-overlapping windows (N, seqlen), `seqlen`
+    being what `options` ask for."""
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if n == 0:
-        raise UsageError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+        raise UsageError(f"the evaluation text has {ids.numel()} tokens, fewer than {options} ({seqlen})")
     return ids[: n * seqlen].view(n, seqlen)
 
 
@@ -965,6 +1006,12 @@ def dense_flops(dec: pp.Decoder, n_tokens: int) -> int:
     return 2 * n_tokens * sum(w.numel() for w in weights)
 
 
+def probe_flops_pct(dec: pp.Decoder, cfg: pp.PPConfig, batches: list[torch.Tensor]) -> float:
+    """The probes' share of the dense forward's linear FLOPs over these batches, in %."""
+    probes = sum(probe_flops(dec, cfg, *ids.shape) for ids in batches)  # each batch's probe, at its size
+    return 100 * probes / dense_flops(dec, sum(ids.numel() for ids in batches))
+
+
 def probe_flops(dec: pp.Decoder, cfg: pp.PPConfig, batch_size: int, seqlen: int) -> int:
     """Linear-layer FLOPs of the probes' look-ahead for one batch (q/k/v, gate/up or fc1)."""
     if cfg.history == "only":  # no probe
@@ -1038,7 +1085,7 @@ def format_row(r: Row, width: int) -> str:
     speedup = "" if r.speedup is None else f"{r.speedup:.2f}x"
     spread = (f"{min(r.round_speedups):.2f}-{max(r.round_speedups):.2f}x"  # the rounds' range (--rounds)
               if len(r.round_speedups) > 1 and r.method != "dense" else "")
-    prr_text = "" if r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
+    prr_text = "" if r.speedup is None or r.method == "dense" else "n/a" if r.prr is None else f"{r.prr:.1f}"
     probe = "" if r.probe_flops_pct is None else f"{r.probe_flops_pct:.2f}%"
     peak = "" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"
     return (f"{r.method:<{width}} {r.ratio:>5.2f} {r.ppl:>9.3f} {r.seconds:>8.2f} {r.tokens_per_s:>9.1f} "
@@ -1120,12 +1167,12 @@ def read_rows(paths: list[str]) -> list[Row]:
     scored = [r for r in rows if r.tasks]
     if not scored:
         raise UsageError("--merge: no zero-shot rows in these files")
+    if any(not {"n", "correct"} <= set(t) for r in scored for t in r.tasks.values()):
+        raise UsageError("--merge: a row has no per-example results (written before eval.py kept them)")
     counts = [{name: t["n"] for name, t in r.tasks.items()} for r in scored]
     if any(c != counts[0] for c in counts):
         raise UsageError(f"--merge: the rows scored different tasks or numbers of examples: {counts[0]} and "
                          f"{next(c for c in counts if c != counts[0])}")
-    if any("correct" not in t for r in scored for t in r.tasks.values()):
-        raise UsageError("--merge: a row has no per-example results (written before eval.py kept them)")
     keys = [(r.method, r.ratio, r.task_order) for r in scored]
     if len(set(keys)) < len(keys):
         raise UsageError(f"--merge: a row appears twice: {next(k for k in keys if keys.count(k) > 1)}")
@@ -1336,11 +1383,10 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
     n_windows = sum(len(b) for b in batches)
     print(f"# {args.model or pp.default_model()} on {args.device} ({args.dtype}); "
           f"{n_windows} windows x {args.seqlen} tokens, sequential and non-overlapping, "
-          f"batch {args.batch_size}; time = "
+          f"batch {len(batches[0])}; time = "
           + (f"batches 2..{len(batches)} (first one warms up)" if len(batches) > 1 else "the only batch (no warm-up)")
           + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"; kept MLP channels rounded up to a multiple of {args.mlp_multiple}")
-    n_dense_flops = dense_flops(runner.dec, args.batch_size * args.seqlen)
     print(header(args.width))
     print("-" * len(header(args.width)))
     for rnd in range(args.rounds):
@@ -1355,8 +1401,7 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             row.tokens_per_s = tokens / row.seconds
             row.peak_mem_gib = max(filter(None, (row.peak_mem_gib, peak_memory_gib())), default=None)
             if method in PROBING or method in args.variants:
-                row.probe_flops_pct = 100 * probe_flops(runner.dec, runner.config(method, ratio),
-                                                           args.batch_size, args.seqlen) / n_dense_flops
+                row.probe_flops_pct = probe_flops_pct(runner.dec, runner.config(method, ratio), batches)
             if args.profile and (method in PROBING or method in args.variants) and rnd == 0:
                 print_stages(method, ratio, profile_stages(fn, runner.dec, batches[min(1, len(batches) - 1)]))
             del fn
@@ -1551,9 +1596,10 @@ def run_generation(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
                    rows: dict[tuple[str, float], Row]) -> None:
     """Continuation perplexity and generation speed of every job on the same prompts, one row each."""
     P, N = args.prompt_len, args.generate
-    batches = list(eval_windows(tokenizer, docs, P + N).split(args.batch_size))[: args.max_batches]
+    batches = list(eval_windows(tokenizer, docs, P + N, "--prompt-len + --generate").split(args.batch_size))
+    batches = batches[: args.max_batches]
     print(f"# generation: {sum(len(b) for b in batches)} windows of {P} prompt + {N} new tokens of the data, "
-          f"batch {args.batch_size}" + (" (and 1)" if args.batch_size > 1 else "")
+          f"batch {len(batches[0])}" + (" (and 1)" if len(batches[0]) > 1 else "")
           + "; gen ppl = the new tokens' perplexity, teacher-forced through the "
           f"KV cache on the structure chosen on the prompt; decode = greedy, {N - 1} steps after the prefill; "
           + (f"timed over batches 2..{len(batches)}" if len(batches) > 1 else "the only batch timed (no warm-up)")
@@ -1659,7 +1705,7 @@ def main(argv: list[str] | None = None) -> int:
                 pp.check_history_info(pp.history_info(args.history), config, args.seqlen, args.history)
             except ValueError as e:
                 raise UsageError(f"--history: {e}") from e
-        wanted = ([] if args.no_ppl and args.generate is None else ["data"]) + (["calib"] if needs_calib(args) else [])
+        wanted = (["data"] if needs_data(args) else []) + (["calib"] if needs_calib(args) else [])
         docs = {name: read_documents(getattr(args, name)) for name in wanted}
         examples = {name: read_task(name, args.task_data, args.limit) for name in args.tasks}
         lm_tasks = lm_eval_manager(args) if args.lm_eval else None  # lm-eval's TaskManager

