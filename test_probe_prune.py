@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, OPTConfig, OPTForCausalLM, Qwen2Config)
+                          MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config)
 
 import baselines as bl
 import eval as ev
@@ -773,6 +773,19 @@ def test_flap_allocates_the_same_budget_across_layers_and_modules(name):
     spent = sum(k * cost[b] for b, k in kept.items())
     assert budget - max(cost.values()) <= spent <= budget + sum(cost.values())  # + the one-unit floors
     assert all(k >= 1 for k in kept.values())
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA, GQA
+def test_flap_unit_cost_is_what_removing_one_unit_saves(n_kv_heads):
+    # 4 heads of 8 = 32 channels, under the hidden size 64 (as Mistral-NeMo's 32 heads of 128 under 5120)
+    torch.manual_seed(0)
+    config = MistralConfig(**SMALL, num_attention_heads=4, num_key_value_heads=n_kv_heads, head_dim=8)
+    dec, T = pp.read_weights(MistralForCausalLM(config)), 16
+    for blk in dec.blocks[:2]:
+        fewer = blk.keep(torch.arange(1, blk.out.weight.shape[1] // blk.unit))  # one unit removed
+        weights = lambda b: sum(lin.weight.numel() for lin in pp.block_linears(b))
+        attention = T * blk.unit if isinstance(blk, pp.Attention) else 0  # q.k and attn.v per token
+        assert bl.unit_cost(blk, T) == weights(blk) - weights(fewer) + attention
 
 
 def tiny_mlp():
