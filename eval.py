@@ -810,10 +810,17 @@ class PrunedLM(lm_eval_base()):
         return score_requests(self.logits_fn, batch_requests(requests, a.batch_size, self.max_length, a.device,
                                                              a.task_order), len(requests), desc)
 
+    def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's tokens of a request. With no context, the prefix token stands for it (unless the
+        continuation starts with it), and the continuation gets no special tokens (no BOS)."""
+        if context:
+            return encode_pair(self.tokenizer, context, continuation)
+        tokens = self.tokenizer.encode(continuation, add_special_tokens=False)
+        return (tokens[:1], tokens[1:]) if tokens[:1] == [self.prefix] else ([self.prefix], tokens)
+
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(log P(continuation | context), is_greedy) of each request's (context, continuation)."""
-        pairs = [([self.prefix], self.tokenizer.encode(cont)) if ctx == "" else encode_pair(self.tokenizer, ctx, cont)
-                 for ctx, cont in (r.args for r in requests)]
+        pairs = [self.encode(*r.args) for r in requests]
         return list(zip(*self.score(pairs, "lm-eval loglikelihood")))
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -1040,13 +1047,15 @@ def memory_estimate(config, batch_size: int, seqlen: int, dtype_bytes: int,
     # the two branches and their product (B, T, I) alive at once; attention needs less (flash/
     # memory-efficient SDPA keeps no (T, T) matrix).
     mlp_peak = BT * (3 * C + (3 if gated else 2) * I) * dtype_bytes
-    # The end of the batch: the logits (B, T, V) and one sample's fp32 log-softmax for the loss.
-    head_peak = BT * V * dtype_bytes + 2 * seqlen * V * 4
+    # The end of the batch: the final residual stream, then one sample at a time (`batch_nll`) its
+    # logits (T, V), their fp32 copy and its log-softmax.
+    head_peak = BT * C * dtype_bytes + seqlen * V * (dtype_bytes + 2 * 4)
+    sliced_attn = (2 if n_kv != n_heads else 4) * C * heads * hd  # q, o (GQA: k/v stay whole) or q, k, v, o
     return [
         ("weights", (L * (attn_w + mlp_w) + embed_w) * dtype_bytes),
         ("PP history (T, Cz) fp32, pruned layers", pruned * seqlen * (n_heads * hd + I) * 4),
         ("PP weight norms ||W[:, j]^2||, fp32", pruned * (n_heads * hd + I) * 4),
-        ("PP's transient slices of one block", max(2 * C * heads * hd, (3 if gated else 2) * C * channels) * dtype_bytes),
+        ("PP's transient slices of one block", max(sliced_attn, (3 if gated else 2) * C * channels) * dtype_bytes),
         ("activations: max(MLP block, logits + loss)", max(mlp_peak, head_peak)),
     ]
 
@@ -1560,11 +1569,15 @@ def measure_generation(prefill_fn: pp.PrefillFn, batches: list[torch.Tensor], pr
     batch warms up and is not timed, unless it is the only one)."""
     sums = dict(nll=0.0, n_tokens=0, prefill_seconds=0.0, decode_seconds=0.0, decode_tokens=0,
                 b1_seconds=0.0, b1_tokens=0, n_timed=0)
-    first = None
-    for i, ids in enumerate(progress(batches, desc)):
+    # Every prompt's quality first: PP's history then takes in each prompt once, before the timed
+    # passes over the same prompts fold them in again.
+    for ids in progress(batches, desc):
         prompt, new = ids[:, :prompt_len], ids[:, prompt_len:]
         sums["nll"] += continuation_nll(prefill_fn, prompt, new)
         sums["n_tokens"] += new.numel()
+    first = None
+    for i, ids in enumerate(progress(batches, desc + " (timed)")):
+        prompt, new = ids[:, :prompt_len], ids[:, prompt_len:]
         tokens, prefill_s, decode_s = greedy(prefill_fn, prompt, new.shape[1])
         _, _, b1_s = greedy(prefill_fn, prompt[:1], new.shape[1])
         first = tokens if first is None else first

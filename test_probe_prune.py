@@ -2342,6 +2342,42 @@ def test_lm_eval_dense_equals_hflm_on_choices_rolling_perplexity_and_generation(
     assert a["results"]["qa_gen"]["exact_match,none"] == b["results"]["qa_gen"]["exact_match,none"]
 
 
+class BosFirst:
+    """A tokenizer that puts BOS before every text unless told not to, as LLaMA's does (SmolLM2's does not)."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_token_id, self.eos_token_id = tok, tok.bos_token_id, tok.eos_token_id
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.bos_token_id] * add_special_tokens + self.tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("bos_first", [False, True])
+def test_lm_eval_requests_are_tokenized_as_lm_eval_tokenizes_them(smollm2, bos_first):
+    from types import SimpleNamespace
+    from lm_eval.api.model import TemplateLM
+
+    model, tok = smollm2
+    tok = BosFirst(tok) if bos_first else tok
+
+    class Theirs(TemplateLM):  # lm-eval's own tokenization of requests, recorded instead of scored
+        backend, eot_token_id, prefix_token_id = "causal", tok.eos_token_id, tok.bos_token_id
+
+        def tok_encode(self, string, add_special_tokens=None, **kw):  # as HFLM's: the tokenizer's default
+            return tok.encode(string) if add_special_tokens is None else tok.encode(string, add_special_tokens=add_special_tokens)
+
+        def _loglikelihood_tokens(self, requests, **kw):
+            return [(context, continuation) for _, context, continuation in requests]
+
+        loglikelihood_rolling = generate_until = None
+
+    requests = [("", "The cat sat on the mat."), ("Question: why? Answer:", " Because."), ("Pick one: ", "yes")]
+    ours = ev.PrunedLM(None, None, tok, model, None, 2048)
+    theirs = Theirs().loglikelihood([SimpleNamespace(args=r) for r in requests], disable_tqdm=True)
+    assert [ours.encode(*r) for r in requests] == theirs
+    assert theirs[0][1][0] != tok.bos_token_id  # no BOS inside an unconditional continuation
+
+
 def test_lm_eval_commonsense_tasks_give_the_tasks_dense_accuracies(smollm2, local_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
