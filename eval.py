@@ -116,9 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--lm-eval: also read the task YAML files in DIR (e.g. tasks on local files)")
     p.add_argument("--task-order", choices=TASK_ORDERS, default="dataset",
                    help="zero-shot batches: 'dataset' as the official PP code and the paper (each example's "
-                        "choices adjacent, --batch-size consecutive requests a batch, right-padded); 'length' "
-                        "as lm-evaluation-harness (longest first). PP's accuracy depends on what shares its "
-                        "batch; the other methods' does not")
+                        "choices adjacent, --batch-size consecutive inputs a batch, right-padded; requests that "
+                        "read the same input, as BoolQ's one-token answers, share it); 'length' as "
+                        "lm-evaluation-harness (longest first). PP's accuracy depends on what shares its batch; "
+                        "the other methods' does not")
     p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
                    help="no model: print the zero-shot tables and paired differences of the rows in these "
                         "--json files (e.g. one run per method, all on the same examples), write them merged "
