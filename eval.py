@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--estimate-memory", action="store_true",
                    help="print PP's peak GPU memory for --model, --batch-size, --seqlen, --dtype and the "
                         "first --ratio, computed from the config alone (no weights load), and exit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (and of --lm-eval's sampled generations)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the rows as JSON (rewritten after every row)")
     args = p.parse_args(argv)
@@ -792,6 +792,28 @@ def lm_eval_base() -> type:
     return LM
 
 
+# lm-eval's names for the number of new tokens, by its priority (normalize_gen_kwargs)
+GEN_LENGTH_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def generation_settings(gen: dict) -> tuple[int, list[str], dict]:
+    """(new tokens, stop strings, `pp.decode`'s sampling arguments) of a task's gen_kwargs, read as
+    lm-eval's normalize_gen_kwargs reads them; a setting `pp.decode` lacks is refused, not ignored."""
+    gen = dict(gen)
+    lengths = [gen.pop(key) for key in GEN_LENGTH_KEYS if key in gen]  # lm-eval's aliases, by priority
+    until = gen.pop("until", None) or []
+    temperature, top_p = float(gen.pop("temperature", 0.0)), float(gen.pop("top_p", 1.0))
+    do_sample = gen.pop("do_sample", None)
+    sample = temperature > 0 if do_sample is None else bool(do_sample)  # a temperature alone samples
+    if not sample:
+        gen.pop("top_k", None)  # a sampling setting: greedy decoding ignores it
+    if gen:
+        raise UsageError(f"an lm-eval task asks for generation settings that --lm-eval does not implement: "
+                         f"{', '.join(sorted(gen))}")
+    return (int(lengths[0]) if lengths else 256, [until] if isinstance(until, str) else list(until),
+            {"temperature": temperature if sample else 0.0, "top_p": top_p if sample else 1.0})
+
+
 class PrunedLM(lm_eval_base()):
     """One method at one ratio as an lm-eval model: log-likelihoods on padded, masked batches, as
     --tasks builds them; rolling log-likelihoods on lm-eval's perplexity windows; generate_until
@@ -802,6 +824,7 @@ class PrunedLM(lm_eval_base()):
         self.logits_fn, self.prefill_fn, self.tokenizer, self.args = logits_fn, prefill_fn, tokenizer, args
         self.max_length = max_length
         self.eos, self.pad = pp.stop_tokens(model)
+        self.sampled_batches = 0  # each sampled batch gets its own seed, so that repeats differ
         # lm-eval's context for a text with none: the BOS token, else EOS (as HFLM).
         self.prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -850,24 +873,22 @@ class PrunedLM(lm_eval_base()):
 
     def generate_batch(self, contexts: list[str], gen: dict) -> list[str]:
         """Contexts sharing gen_kwargs, left-padded into one batch; their continuations' texts."""
-        gen = dict(gen)
-        n_new = int(gen.pop("max_gen_toks", gen.pop("max_new_tokens", 256)))
+        n_new, until, sample = generation_settings(gen)
         if n_new >= self.max_length:
             raise UsageError(f"an lm-eval task asks for {n_new} new tokens, but inputs here have at most "
                              f"{self.max_length} (the model's context; for PP, the positions its history covers)")
-        until = gen.pop("until", []) or []
         eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
-        until = ([until] if isinstance(until, str) else list(until)) + [eos_text]  # as HFLM
-        sample = {"temperature": float(gen.get("temperature", 0.0)) if gen.get("do_sample") else 0.0,
-                  "top_p": float(gen.get("top_p", 1.0))}
+        until = until + [eos_text]  # as HFLM
         encoded = [self.tokenizer.encode(c)[-(self.max_length - n_new):] for c in contexts]  # left-truncated
         T = max(map(len, encoded))
         ids = torch.full((len(encoded), T), self.pad or 0, dtype=torch.long)
         mask = torch.zeros(len(encoded), T, dtype=torch.bool)
         for i, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
             ids[i, T - len(e):], mask[i, T - len(e):] = torch.tensor(e), True
+        self.sampled_batches += sample["temperature"] > 0
         out = pp.decode(self.prefill_fn, ids.to(self.args.device), mask.to(self.args.device), n_new,
-                        eos_token_id=self.eos, pad_token_id=self.pad, **sample)
+                        eos_token_id=self.eos, pad_token_id=self.pad, seed=self.args.seed + self.sampled_batches,
+                        **sample)
         texts = []
         for row in out[:, T:].tolist():
             text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -909,6 +930,7 @@ class Row:
     decode_tokens_per_s_b1: float | None = None  # ... and at batch 1
     round_decode_tokens_per_s: list[float] = field(default_factory=list)  # each round's (--rounds)
     round_decode_tokens_per_s_b1: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, float] | None = None  # --profile: one batch's seconds per PP stage, and the rest
 
 
 def synchronize() -> None:
@@ -1413,7 +1435,8 @@ def run_perplexity(args, runner: Runner, tokenizer, docs: list[str], jobs: list[
             if method in PROBING or method in args.variants:
                 row.probe_flops_pct = probe_flops_pct(runner.dec, runner.config(method, ratio), batches)
             if args.profile and (method in PROBING or method in args.variants) and rnd == 0:
-                print_stages(method, ratio, profile_stages(fn, runner.dec, batches[min(1, len(batches) - 1)]))
+                row.stage_seconds = dict(profile_stages(fn, runner.dec, batches[min(1, len(batches) - 1)]))
+                print_stages(method, ratio, list(row.stage_seconds.items()))
             del fn
             if rnd == args.rounds - 1:  # final: compare with dense, print, save
                 finish(row, rows.get(("dense", 0.0)))
@@ -1542,7 +1565,7 @@ class Generated(NamedTuple):
 def continuation_nll(prefill_fn: pp.PrefillFn, prompt: torch.Tensor, new: torch.Tensor) -> float:
     """Summed NLL of the new tokens (B, N) after the prompt (B, P), fed through the KV cache on the
     structure the prompt chose (teacher forcing: each position reads the true tokens before it)."""
-    cache = pp.KVCache(prompt.shape[1] + new.shape[1])
+    cache = pp.KVCache(prompt.shape[1] + new.shape[1] - 1)  # the last new token is never fed
     x, dec = prefill_fn(prompt, None, cache)  # (B, P, C)
     rest = pp.run(dec, new[:, :-1], cache=cache, logits=False)  # (B, N - 1, C)
     x = torch.cat((x[:, -1:], rest), dim=1)  # (B, N, C): the states that predict the new tokens
@@ -1554,7 +1577,7 @@ def greedy(prefill_fn: pp.PrefillFn, prompt: torch.Tensor, n_new: int) -> tuple[
     """Greedy new tokens (B, n_new), with the prefill's and the decode steps' seconds."""
     synchronize()
     start = time.perf_counter()
-    logits, dec, cache = pp.start_decoding(prefill_fn, prompt, None, prompt.shape[1] + n_new)
+    logits, dec, cache = pp.start_decoding(prefill_fn, prompt, None, prompt.shape[1] + n_new - 1)
     tokens = [logits.argmax(-1)]
     synchronize()
     prefilled = time.perf_counter()

@@ -564,7 +564,8 @@ def run(dec: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
     one; `observe(b, block, h, z, ctx)` sees its input h and the input z (B, T, Cz) of its output
     projection. `grad=True` records autograd (gradient baselines only); with a `cache`, the tokens
     follow those already in it, and join it."""
-    n_tokens = input_ids.shape[1] + (0 if cache is None or cache.mask is None else cache.mask.shape[1])
+    # With a cache, every token it will hold is counted, so generation is refused before it starts.
+    n_tokens = input_ids.shape[1] if cache is None else cache.max_len
     if dec.window is not None and n_tokens > dec.window:
         raise ValueError(f"{n_tokens} tokens per sample exceed the sliding attention window "
                          f"of {dec.window} (sliding-window attention is not implemented)")
@@ -961,11 +962,9 @@ PrefillFn = Callable[[Tensor, Tensor | None, KVCache], tuple[Tensor, Decoder]]
 
 
 def stop_tokens(model) -> tuple[int | list[int] | None, int | None]:
-    """(eos_token_id, pad_token_id) of a transformers model's generation config, as its generate uses them."""
+    """(eos_token_id, pad_token_id) of a transformers model's generation config (None where unset)."""
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    pad = getattr(gen, "pad_token_id", None)
-    return eos, pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return getattr(gen, "eos_token_id", None), getattr(gen, "pad_token_id", None)
 
 
 def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -977,7 +976,8 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
     if top_p < 1:
         p, order = probs.sort(-1, descending=True)
         # The nucleus: the most likely tokens until their mass reaches top_p (the first always stays).
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0)
+        drop = p.cumsum(-1) - p >= top_p  # (B, V) the mass before the token reached top_p
+        p = p.masked_fill(drop.index_fill(-1, order.new_zeros(1), False), 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
@@ -1001,17 +1001,24 @@ def decode(prefill_fn: PrefillFn, input_ids: Tensor, attention_mask: Tensor | No
            max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
     """Token ids (B, T + new): the prompt through `prefill_fn`, then one token at a time on the decoder
-    it returned; a sample is padded after its EOS token, and decoding stops once every sample has one."""
+    it returned; a sample is padded after its EOS token (with the first EOS id unless `pad_token_id`
+    is given, as transformers pads), and decoding stops once every sample has one."""
+    if max_new_tokens < 1 or temperature < 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"generation needs max_new_tokens >= 1, temperature >= 0 and top_p in [0, 1], got "
+                         f"{max_new_tokens}, {temperature} and {top_p}")
     B, T = input_ids.shape
-    logits, dec, cache = start_decoding(prefill_fn, input_ids, attention_mask, T + max_new_tokens)
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    # The last new token is never fed back, so the cache holds T + max_new_tokens - 1 tokens.
+    logits, dec, cache = start_decoding(prefill_fn, input_ids, attention_mask, T + max_new_tokens - 1)
     generator = torch.Generator(logits.device).manual_seed(seed) if temperature > 0 else None
-    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).flatten()
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     tokens = [input_ids.to(logits.device)]
     for step in range(max_new_tokens):
         token = next_token(logits, temperature, top_p, generator)  # (B,)
         if len(eos):
-            token = token.masked_fill(done, pad_token_id if pad_token_id is not None else 0)
+            token = token.masked_fill(done, pad)
             done |= torch.isin(token, eos)
         tokens.append(token[:, None])
         # One host sync per token, only to stop early (as transformers' generate does).

@@ -127,6 +127,13 @@ def test_mistral_sliding_window_is_refused_beyond_the_window():
         ev.check_seqlen(model.config, 40)
     ev.check_seqlen(model.config, 32)
     assert pp.sliding_window(CONFIGS["qwen2"]) is None  # Qwen2 slides only with use_sliding_window
+    # Generation past the window is refused before the prompt runs: the history stays as it was.
+    pruner = calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1))
+    before = {b: h.clone() for b, h in pruner.history.items()}
+    with pytest.raises(ValueError, match="33 tokens per sample exceed the sliding attention window of 32"):
+        pruner.generate(ids[:, :10], max_new_tokens=24)  # 10 + 24 - 1 = 33 tokens through the cache
+    assert all(torch.equal(pruner.history[b], h) for b, h in before.items())
+    assert pruner.generate(ids[:, :10], max_new_tokens=23).shape == (2, 33)  # 32 tokens fit
 
 
 def tensors_in(obj, seen=None):
@@ -1087,6 +1094,12 @@ def test_dense_generate_equals_transformers_generate(name):
         ref = hf(eos_token_id=eos, pad_token_id=1)
     out = ours(eos_token_id=eos, pad_token_id=1)
     assert torch.equal(out, ref) and (out[1, 19:] == 1).all()
+    # No pad id asked for: the model's, else (LLaMA's configs have none) the first EOS id asked for.
+    pad = model.generation_config.pad_token_id
+    with torch.no_grad():
+        ref = hf(eos_token_id=[eos, 2])
+    out = ours(eos_token_id=[eos, 2])
+    assert torch.equal(out, ref) and (out[1, 19:] == (eos if pad is None else pad)).all()
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
@@ -1098,6 +1111,18 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])  # probabilities ~0.03, 0.50, 0.46, 0.00
     tokens = {pp.next_token(logits, 1.0, 0.6, torch.Generator().manual_seed(s)).item() for s in range(40)}
     assert tokens == {1, 2}  # the two most likely reach 0.6; token 0 and 3 are outside the nucleus
+    assert pp.next_token(logits, 1.0, 0.0, torch.Generator().manual_seed(0)).item() == 1  # top_p 0: greedy
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=1.5)])
+def test_bad_generation_settings_are_refused_before_the_prompt_runs(bad):
+    model = make_model("llama-gqa")
+    pruner = calibrated(model, pp.PPConfig(ratio=0.4, dense_layers=1))
+    before = {b: h.clone() for b, h in pruner.history.items()}
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    with pytest.raises(ValueError, match="generation needs max_new_tokens >= 1, temperature >= 0 and top_p"):
+        pruner.generate(ids, **{"max_new_tokens": 4, **bad})
+    assert all(torch.equal(pruner.history[b], h) for b, h in before.items())
 
 
 def prefill_and_feed(dec, ids, mask, n_prompt, chunk):
@@ -1464,7 +1489,7 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
     code, out, err = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_model_dir / "test.txt"),
                              "--calib", str(tiny_model_dir / "calib.jsonl"), "--method", "all",
                              "--ratio", "0.2", "0.4", "--seqlen", "64", "--batch-size", "4",
-                             "--max-batches", "2", "--nsamples", "4", "--json", str(results))
+                             "--max-batches", "2", "--nsamples", "4", "--profile", "--json", str(results))
     assert code == 0, err
     rows = json.loads(results.read_text())
     pruning = ["pp", "fullbatch", "wanda-sp", "flap", "second-moment", "llm-pruner", "loraprune"]
@@ -1474,6 +1499,11 @@ def test_cli_end_to_end_writes_table_and_json(tiny_model_dir, tmp_path):
         assert set(r) >= {"method", "ratio", "ppl", "seconds", "tokens_per_s", "speedup", "probe_flops_pct", "prr"}
         assert math.isfinite(r["ppl"]) and r["seconds"] > 0 and r["tokens_per_s"] > 0
         assert (r["probe_flops_pct"] is None) == (r["method"] not in ("pp", "fullbatch"))
+        if r["method"] in ("pp", "fullbatch"):  # --profile: the printed per-stage table, in the JSON too
+            assert list(r["stage_seconds"])[:len(pp.STAGES)] == list(pp.STAGES)
+            assert 0 < sum(r["stage_seconds"][name] for name in pp.STAGES) < r["stage_seconds"]["total"]
+        else:
+            assert r["stage_seconds"] is None
         if r["prr"] is not None:  # defined only where the method ran faster than dense
             assert r["speedup"] > 1
             assert r["prr"] == pytest.approx((r["ppl"] - rows[0]["ppl"]) / (1 - 1 / r["speedup"]))
@@ -2376,6 +2406,37 @@ def test_lm_eval_requests_are_tokenized_as_lm_eval_tokenizes_them(smollm2, bos_f
     theirs = Theirs().loglikelihood([SimpleNamespace(args=r) for r in requests], disable_tqdm=True)
     assert [ours.encode(*r) for r in requests] == theirs
     assert theirs[0][1][0] != tok.bos_token_id  # no BOS inside an unconditional continuation
+
+
+@pytest.mark.parametrize("gen", [{"until": "\n", "max_tokens": 3}, {"temperature": 0.8, "max_gen_toks": 5, "max_new_tokens": 9},
+                                 {"do_sample": False, "temperature": 0.7, "top_k": 5, "until": ["a", "b"]},
+                                 {"do_sample": True, "temperature": 1.0, "top_p": 0.9}])
+def test_lm_eval_generation_settings_are_read_as_lm_eval_reads_them(gen):
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    n_new, until, sample = ev.generation_settings(gen)
+    theirs = normalize_gen_kwargs(gen, 256)
+    assert (n_new, until) == (theirs["max_gen_toks"], theirs["until"])
+    assert (sample["temperature"] > 0) == theirs["do_sample"]  # a temperature alone samples
+    assert sample["temperature"] == (theirs["temperature"] if theirs["do_sample"] else 0.0)
+
+
+def test_lm_eval_generation_refuses_settings_it_would_ignore():
+    with pytest.raises(ev.UsageError, match="does not implement: top_k"):
+        ev.generation_settings({"do_sample": True, "temperature": 1.0, "top_k": 1})
+    with pytest.raises(ev.UsageError, match="does not implement: repetition_penalty"):
+        ev.generation_settings({"repetition_penalty": 1.2})
+
+
+def test_lm_eval_sampled_batches_draw_different_samples(smollm2):
+    from types import SimpleNamespace
+
+    model, tok = smollm2
+    args = SimpleNamespace(batch_size=1, device="cpu", seed=0)
+    lm = ev.PrunedLM(None, partial(pp.prefill, pp.read_weights(model)), tok, model, args, 2048)
+    sampled = SimpleNamespace(args=("The capital of France is", {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8, "until": []}))
+    assert len(set(lm.generate_until([sampled] * 4))) > 1  # lm-eval's repeats: one batch each, each its own draw
 
 
 def test_lm_eval_commonsense_tasks_give_the_tasks_dense_accuracies(smollm2, local_tasks):
