@@ -975,9 +975,10 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
     probs = (logits.float() / temperature).softmax(-1)  # (B, V)
     if top_p < 1:
         p, order = probs.sort(-1, descending=True)
-        # The nucleus: the most likely tokens until their mass reaches top_p (the first always stays).
-        drop = p.cumsum(-1) - p >= top_p  # (B, V) the mass before the token reached top_p
-        p = p.masked_fill(drop.index_fill(-1, order.new_zeros(1), False), 0)
+        # The nucleus: the most likely tokens until their mass reaches top_p.
+        drop = p.cumsum(-1) - p >= top_p  # (B, V) the mass before the token already reached top_p
+        drop[:, 0] = False  # the most likely token always stays (top_p 0: greedy)
+        p = p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
