@@ -177,7 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--estimate-memory", action="store_true",
                    help="print PP's peak GPU memory for --model, --batch-size, --seqlen, --dtype and the "
                         "first --ratio, computed from the config alone (no weights load), and exit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (and of --lm-eval's sampled generations)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration windows (and of --lm-eval's sampled generations)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the rows as JSON (rewritten after every row)")
     args = p.parse_args(argv)
